@@ -1,0 +1,32 @@
+"""fullscale: the full-scale stage of LoRA fine-tuning, run so that nothing is lost."""
+
+__version__ = "0.1.0"
+
+
+def train(config):
+    """Run (or resume) training for a Config; returns the training result dict."""
+    from fullscale.train import train as _train
+
+    result = _train(config)
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def resume(run_dir):
+    """Continue the run in `run_dir` with its saved config."""
+    from fullscale.config import load_config
+    from pathlib import Path
+
+    config = load_config(Path(run_dir) / "config.yaml", {"output_dir": str(run_dir)})
+    return train(config)
+
+
+def __getattr__(name):
+    if name == "CheckpointManager":
+        from fullscale.checkpoint import CheckpointManager
+
+        return CheckpointManager
+    if name in ("Config", "load_config"):
+        from fullscale import config
+
+        return getattr(config, name)
+    raise AttributeError(name)

@@ -1,0 +1,5 @@
+import sys
+
+from fullscale.cli import main
+
+sys.exit(main())

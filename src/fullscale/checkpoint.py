@@ -1,0 +1,296 @@
+"""Crash-safe checkpoints: stage, fsync, manifest last, rename, fsync the parent.
+
+A directory `checkpoint-<step>` counts as a checkpoint only when its `manifest.json` exists and
+every file it lists has the recorded size and SHA-256. A kill at any moment therefore leaves
+either the previous set of checkpoints or the previous set plus one complete new one, never a
+half-written directory that a resume would load. Rotation runs only after a commit, never
+removes the best checkpoint, and never leaves fewer than one valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fullscale.errors import CheckpointError
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+MANIFEST_VERSION = 1
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def _files(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a directory in a way a kill cannot turn into a half-deleted checkpoint:
+    rename it out of the checkpoint namespace first, then delete."""
+    if not path.exists():
+        return
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, trash)
+    fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | None = None) -> None:
+    """Finish a staged directory: fsync every file, write the manifest last, rename into place.
+
+    If `final` exists it is replaced (the old one moved aside first, then deleted).
+    """
+    entries = {}
+    for f in _files(staging):
+        fsync_file(f)
+        entries[str(f.relative_to(staging))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    body = {"version": MANIFEST_VERSION, "created": time.time(), **(manifest or {}), "files": entries}
+    mpath = staging / MANIFEST
+    with open(mpath, "w") as fh:
+        json.dump(body, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fsync_dir(staging)
+    old = None
+    if final.exists():
+        # Move the old directory aside (atomic), put the new one in place, then delete the
+        # old one: a kill at any point leaves one complete copy (cleanup() restores it).
+        old = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}")
+        os.replace(final, old)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    path = parent / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def verify_directory(path: Path) -> str | None:
+    """None when `path` matches its manifest; otherwise the reason, in a few words."""
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        return "no manifest.json (incomplete save)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest.json ({exc})"
+    for rel, meta in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        size = f.stat().st_size
+        if size != meta["size"]:
+            return f"{rel} has {size} bytes, manifest says {meta['size']}"
+        if sha256_file(f) != meta["sha256"]:
+            return f"{rel} content does not match its SHA-256 in manifest.json"
+    return None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+# ----------------------------------------------------------------------------- manager
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: Path
+    valid: bool | None = None        # None: not verified (manifest present, hashes not checked)
+    reason: str | None = None
+    size: int = 0
+    eval_loss: float | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class CheckpointManager:
+    """The checkpoints of one run directory: list, latest, best, verify, rotate, export best."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, save_total_limit: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.save_total_limit = save_total_limit
+
+    # -- discovery
+    def checkpoint_dirs(self) -> list[tuple[int, Path]]:
+        if not self.run_dir.is_dir():
+            return []
+        out = []
+        for p in self.run_dir.iterdir():
+            m = CHECKPOINT_RE.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
+        return sorted(out)
+
+    def list(self, *, verify: bool = False) -> list[CheckpointInfo]:
+        """Every checkpoint-<step> directory, oldest first. Without `verify`, a directory with a
+        manifest is presumed valid (hashes unchecked); one without is invalid."""
+        infos = []
+        for step, path in self.checkpoint_dirs():
+            info = CheckpointInfo(step=step, path=path, size=dir_size(path))
+            if verify:
+                info.reason = verify_directory(path)
+                info.valid = info.reason is None
+            elif not (path / MANIFEST).is_file():
+                info.valid, info.reason = False, "no manifest.json (incomplete save)"
+            if info.valid is not False:
+                try:
+                    info.state = json.loads((path / STATE).read_text())
+                    info.eval_loss = info.state.get("last_eval_loss")
+                except (OSError, ValueError):
+                    info.valid, info.reason = False, f"{STATE} unreadable"
+            infos.append(info)
+        return infos
+
+    def valid(self, *, verify: bool = False) -> list[CheckpointInfo]:
+        return [i for i in self.list(verify=verify) if i.valid is not False]
+
+    def latest(self, *, verify: bool = False) -> CheckpointInfo | None:
+        v = self.valid(verify=verify)
+        return v[-1] if v else None
+
+    def best_step(self) -> int | None:
+        """The best eval step recorded by the newest valid checkpoint."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        return (latest.state.get("early_stopping") or {}).get("best_step")
+
+    def best(self) -> CheckpointInfo | None:
+        step = self.best_step()
+        for info in self.valid():
+            if info.step == step:
+                return info
+        return None
+
+    def disk_usage(self) -> int:
+        return dir_size(self.run_dir) if self.run_dir.is_dir() else 0
+
+    # -- start-up cleanup and fallback
+    def cleanup(self) -> list[str]:
+        """Remove leftovers of interrupted saves and deletions (staging and trash directories);
+        restore best_model/ if a kill happened between moving the old one aside and the new one in."""
+        notes = []
+        if not self.run_dir.is_dir():
+            return notes
+        trash_best = sorted(self.run_dir.glob(f"{TRASH_PREFIX}best_model-*"))
+        if not (self.run_dir / "best_model").exists() and trash_best:
+            newest = trash_best[-1]
+            if verify_directory(newest) is None:
+                os.replace(newest, self.run_dir / "best_model")
+                notes.append("restored best_model/ left aside by an interrupted update")
+        for p in self.run_dir.iterdir():
+            if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(p, ignore_errors=True)
+                notes.append(f"removed {p.name} left by an interrupted save")
+        return notes
+
+    def set_aside(self, info: CheckpointInfo) -> Path:
+        """Rename an invalid checkpoint out of the way (never delete it)."""
+        target = info.path.with_name(f"{info.path.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(info.path, target)
+        fsync_dir(self.run_dir)
+        return target
+
+    def newest_verified(self, *, say: Callable[[str], None] = print) -> CheckpointInfo | None:
+        """The newest checkpoint that verifies; each newer one that fails is set aside with a message."""
+        for info in reversed(self.list()):
+            reason = info.reason if info.valid is False else verify_directory(info.path)
+            if reason is None:
+                info.valid = True
+                return info
+            moved = self.set_aside(info)
+            say(f"checkpoint-{info.step} is not usable ({reason}); set aside as {moved.name}, trying the previous one")
+        return None
+
+    # -- saving
+    def save(self, step: int, write: Callable[[Path], None], *, manifest: dict[str, Any]) -> Path:
+        """Write checkpoint-<step> crash-safely; `write(dir)` puts the files into the staging dir."""
+        final = self.run_dir / f"checkpoint-{step}"
+        staging = staging_dir(self.run_dir, final.name)
+        write(staging)
+        commit_directory(staging, final, manifest={"step": step, **manifest})
+        return final
+
+    def rotate(self, *, best_step: int | None) -> list[int]:
+        """Delete the oldest checkpoints beyond save_total_limit, keeping the best; returns removed steps."""
+        if not self.save_total_limit:
+            return []
+        valid = self.valid()
+        keep = {i.step for i in valid[-self.save_total_limit:]}
+        if best_step is not None:
+            keep.add(best_step)
+        removed = []
+        for info in valid:
+            if info.step not in keep and len(valid) - len(removed) > 1:
+                _remove_tree(info.path)
+                removed.append(info.step)
+        return removed
+
+    # -- export
+    def export_best_model(self, out_dir: str | os.PathLike) -> Path:
+        """Copy the run's best adapter + tokenizer to `out_dir` (staged, renamed into place)."""
+        src = self.run_dir / "best_model"
+        if not src.is_dir() or verify_directory(src) is not None:
+            raise CheckpointError(f"{self.run_dir} has no valid best_model/ (no evaluation improved yet?)")
+        out = Path(out_dir)
+        if out.exists():
+            raise CheckpointError(f"{out} already exists; choose another directory or remove it first")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_dir(out.parent, out.name)
+        for f in _files(src):
+            dest = staging / f.relative_to(src)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+        commit_directory(staging, out, manifest=read_manifest(src).get("provenance") and
+                         {"provenance": read_manifest(src)["provenance"]})
+        return out
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {Path(path) / STATE}: {exc}") from None

@@ -1,0 +1,234 @@
+"""The command line: one registry of subcommands, each an add_parser() and a run(args) -> exit code.
+
+Bad input (config, data, model files, checkpoints) is one short paragraph on stderr and exit
+code 2, never a traceback (`--debug` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from fullscale.errors import UserError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+
+COMMANDS: dict[str, tuple] = {}
+
+
+def command(name: str, help: str):
+    def register(fn):
+        COMMANDS[name] = (help, fn)
+        return fn
+    return register
+
+
+# ----------------------------------------------------------------------------- train / resume
+
+def _train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config file (none: the embedded demo)")
+    p.add_argument("overrides", nargs="*", help="key=value settings applied after the file")
+    p.add_argument("--help-keys", action="store_true", help="list every config key with its default and exit")
+
+
+def _split_config_arg(args) -> tuple[str | None, list[str]]:
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+@command("train", "train (or resume) a LoRA adapter: fullscale train [CONFIG.yaml] [key=value ...]")
+def cmd_train(args) -> int:
+    from fullscale.config import describe_keys, load_config
+
+    if args.help_keys:
+        print(describe_keys())
+        return EXIT_OK
+    path, overrides = _split_config_arg(args)
+    base = None
+    is_demo = path is None
+    if is_demo:
+        from fullscale.demo import demo_settings
+
+        base = demo_settings()
+    config = load_config(path, overrides, base=base)
+    if is_demo and not config.model_name_or_path and not config.train_file:
+        print("fullscale demo: a tiny Llama base (pretrained by scripts/build_demo_base.py on a generated corpus, "
+              "shipped with the package) learns the demo task with LoRA; no network needed.")
+    return _run_training(config, demo=is_demo and not config.train_file)
+
+
+@command("resume", "continue a run with its saved config: fullscale resume RUN_DIR")
+def cmd_resume(args) -> int:
+    from fullscale.config import load_config
+    from fullscale.errors import CheckpointError
+
+    run_dir = Path(args.run_dir)
+    cfg = run_dir / "config.yaml"
+    if not cfg.is_file():
+        raise CheckpointError(f"{run_dir} is not a fullscale run directory (no config.yaml); "
+                              "give the output_dir of a run started with fullscale train")
+    config = load_config(cfg, {"output_dir": str(run_dir), "resume": "auto"})
+    return _run_training(config, demo=False)
+
+
+def _resume_parser(p):
+    p.add_argument("run_dir")
+
+
+def _run_training(config, *, demo: bool) -> int:
+    from fullscale.train import train
+
+    result = train(config)
+    if demo:
+        _show_demo_generations(result)
+    return EXIT_OK
+
+
+def _show_demo_generations(result) -> None:
+    """Greedy generations of the best model on a few held-out demo rows, next to the answers."""
+    import json
+
+    import peft
+    import safetensors.torch
+
+    from fullscale.demo import DEMO_TRAIN
+    from fullscale.generate import generate_reply
+
+    data, model, tokenizer = result["_data"], result["_model"], result["_tokenizer"]
+    run_dir = Path(result["config"]["output_dir"])
+    best = run_dir / "best_model" / "adapter_model.safetensors"
+    if not data.eval or not best.exists():
+        return
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    peft.set_peft_model_state_dict(model, safetensors.torch.load_file(str(best)))
+    rows = DEMO_TRAIN.read_text().splitlines()
+    print("\ngenerations from best_model/ on held-out rows:")
+    for ex in data.eval[:4]:
+        messages = json.loads(rows[ex["row"] - 1])["messages"]
+        prompt = [m for m in messages if m["role"] != "assistant"][:1]
+        expected = next(m["content"] for m in messages if m["role"] == "assistant")
+        got = generate_reply(model, tokenizer, prompt, max_new_tokens=48)
+        mark = "ok " if got == expected else "   "
+        print(f"  {mark}{prompt[0]['content']!r}\n      model:    {got!r}\n      expected: {expected!r}")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _checkpoints_parser(p):
+    p.add_argument("run_dir")
+    p.add_argument("--verify", action="store_true", help="check every file against the manifest (sizes and hashes)")
+    p.add_argument("--prune", action="store_true", help="set aside invalid checkpoints and apply save_total_limit")
+
+
+@command("checkpoints", "list a run's checkpoints: step, eval loss, size, validity, best, latest")
+def cmd_checkpoints(args) -> int:
+    from fullscale.checkpoint import CheckpointManager
+    from fullscale.errors import CheckpointError
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no such run directory: {run_dir}")
+    limit = None
+    if (run_dir / "config.yaml").is_file():
+        import yaml
+
+        limit = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("save_total_limit")
+    manager = CheckpointManager(run_dir, save_total_limit=limit)
+    infos = manager.list(verify=args.verify)
+    best = manager.best_step()
+    latest = manager.latest()
+    if args.prune:
+        for info in infos:
+            if info.valid is False:
+                moved = manager.set_aside(info)
+                print(f"set aside checkpoint-{info.step} ({info.reason}) as {moved.name}")
+        removed = manager.rotate(best_step=best)
+        if removed:
+            print(f"removed checkpoints at steps {removed} (save_total_limit={limit}, best kept)")
+        infos = manager.list(verify=args.verify)
+    if not infos:
+        print(f"{run_dir}: no checkpoints")
+        return EXIT_OK
+    print(f"{'step':>8}  {'eval_loss':>9}  {'size':>9}  {'valid':<8}  notes")
+    for info in infos:
+        valid = {True: "yes", False: "NO", None: "unverified"}[info.valid]
+        notes = []
+        if info.step == best:
+            notes.append("best")
+        if latest and info.step == latest.step:
+            notes.append("latest")
+        if info.reason:
+            notes.append(info.reason)
+        loss = f"{info.eval_loss:.4f}" if isinstance(info.eval_loss, float) else "-"
+        print(f"{info.step:>8}  {loss:>9}  {_size(info.size):>9}  {valid:<8}  {', '.join(notes)}")
+    print(f"total disk use of {run_dir}: {_size(manager.disk_usage())}")
+    return EXIT_OK
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ----------------------------------------------------------------------------- main
+
+PARSERS = {"train": _train_parser, "resume": _resume_parser, "checkpoints": _checkpoints_parser}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fullscale", description="Full-scale LoRA fine-tuning that survives crashes.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        PARSERS[name](p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    _quiet_libraries()
+    _, run = COMMANDS[args.command]
+    try:
+        return run(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fullscale: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fullscale: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    # Deprecation notices of renamed library functions are for library authors, not users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:
+        pass

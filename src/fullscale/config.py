@@ -1,0 +1,383 @@
+"""The one typed config: every key, its default and a one-line doc, declared once.
+
+Loading is YAML first, then ``key=value`` overrides. Validation is strict and collects every
+problem before raising, so a user fixes a config in one pass and before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fullscale.errors import ConfigError
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+DATASET_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages")
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+AUTO_BOOL = ("auto", True, False)
+REPORT_TO = ("tensorboard", "none")
+INVALID_ROWS = ("skip", "error")
+RESUME = ("auto", "never")
+
+
+def _key(default: Any, doc: str, choices: tuple | None = None) -> Any:
+    meta = {"doc": doc, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    """Every fullscale setting. Defaults are the values settled in the small-scale stage."""
+
+    # --- model ---
+    model_name_or_path: str | None = _key(None, "base model: a local directory or a hub id (none: the embedded demo model)")
+    trust_remote_code: bool = _key(False, "allow custom modelling code from the model repository (off unless you trust it)")
+    bf16: str | bool = _key("auto", "bf16 weights/compute: auto = where the device supports it, fp32 otherwise", AUTO_BOOL)
+    tf32: str | bool = _key("auto", "TF32 matmuls: auto = on for CUDA devices that have it; never used on CPU", AUTO_BOOL)
+    attn_implementation: str = _key("auto", "attention kernel: auto = flash_attention_2 when installed and on CUDA, else sdpa", ATTN_IMPLEMENTATIONS)
+    gradient_checkpointing: bool = _key(True, "recompute activations in backward (non-reentrant; use_cache off)")
+    # --- LoRA ---
+    lora_rank: int = _key(32, "LoRA rank r")
+    lora_alpha: int = _key(32, "LoRA alpha (scaling = alpha / r)")
+    lora_dropout: float = _key(0.05, "dropout on the LoRA input")
+    lora_target_modules: list[str] | str = _key(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters, or 'all-linear'")
+    # --- data ---
+    train_file: str | None = _key(None, ".jsonl .json .csv .parquet or a datasets save_to_disk dir (none: the demo data)")
+    eval_file: str | None = _key(None, "evaluation data; when absent, eval_split of the train rows is held out")
+    eval_split: float = _key(0.05, "share of train rows held out for evaluation when there is no eval_file")
+    dataset_format: str = _key("auto", "row format; auto detects it from the columns", DATASET_FORMATS)
+    max_seq_length: int = _key(1024, "longer rows are truncated to this many tokens and counted")
+    invalid_rows: str = _key("skip", "empty, null or malformed rows: skip and count them, or stop with an error", INVALID_ROWS)
+    packing: bool = _key(False, "padding-free packing of several examples per row")
+    # --- optimisation ---
+    seed: int = _key(42, "seed for data order, split, LoRA init and dropout")
+    num_train_epochs: float = _key(3.0, "passes over the train data (ignored when max_steps > 0)")
+    max_steps: int = _key(-1, "optimizer steps to run; overrides num_train_epochs when > 0")
+    learning_rate: float = _key(2e-4, "peak learning rate (AdamW)")
+    per_device_train_batch_size: int = _key(8, "examples per micro-step per process")
+    per_device_eval_batch_size: int = _key(8, "examples per evaluation batch per process")
+    gradient_accumulation_steps: int = _key(4, "micro-steps per optimizer step; effective batch = per_device x processes x this")
+    warmup_ratio: float = _key(0.05, "share of the steps spent warming the learning rate up")
+    weight_decay: float = _key(0.01, "AdamW weight decay")
+    lr_scheduler_type: str = _key("cosine", "learning-rate schedule (transformers get_scheduler)", SCHEDULERS)
+    max_grad_norm: float = _key(1.0, "clip the gradient norm to this (0 disables clipping)")
+    # --- evaluation, checkpoints, early stopping ---
+    eval_steps: int = _key(500, "evaluate every this many steps (0: only before the first step and at the end)")
+    save_steps: int = _key(500, "write a checkpoint every this many steps (and at the end)")
+    save_total_limit: int = _key(3, "checkpoints kept; the best one is never rotated away")
+    early_stopping_patience: int = _key(3, "stop after this many evaluations without improvement (0 disables)")
+    early_stopping_min_delta: float = _key(0.001, "an eval loss must beat the best by more than this to count")
+    resume: str = _key("auto", "auto: continue from the newest valid checkpoint in output_dir; never: refuse to reuse a run directory", RESUME)
+    # --- output and monitoring ---
+    output_dir: str | None = _key(None, "the run directory (default runs/<config name>, runs/demo for the demo)")
+    logging_steps: int = _key(10, "log train metrics every this many steps")
+    report_to: list[str] | str = _key(["tensorboard"], "where metrics go besides metrics.jsonl: tensorboard or none")
+    dataloader_num_workers: str | int = _key("auto", "data loader worker processes; auto sizes to the cores, never more")
+
+    # Keys the user set explicitly (YAML or override); used to tell a deliberate
+    # combination from a default one. Not a config key.
+    explicit: set[str] = field(default_factory=set, repr=False, compare=False, metadata={"internal": True})
+
+    # ------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.keys()}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def fingerprint(self, keys: typing.Iterable[str]) -> str:
+        blob = json.dumps({k: getattr(self, k) for k in sorted(keys)}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def evaluation_enabled(self) -> bool:
+        return self.has_eval_data
+
+    @property
+    def has_eval_data(self) -> bool:
+        return bool(self.eval_file) or self.eval_split > 0
+
+    @property
+    def uses_tensorboard(self) -> bool:
+        return "tensorboard" in self.report_to
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+_HINTS = typing.get_type_hints(Config)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Line number (1-based) of each top-level key, for error messages."""
+    lines: dict[str, int] = {}
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            lines[str(key_node.value)] = key_node.start_mark.line + 1
+    return lines
+
+
+def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a flat YAML config file: (values, line number of each key)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give a YAML file, or no file to run the demo)")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must be a mapping of key: value lines, got a {type(data).__name__}")
+    return data, _yaml_lines(text)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` command-line overrides; values are read as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r} is not key=value (e.g. learning_rate=1e-4)")
+            continue
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
+                *, base: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from an optional YAML file, then overrides.
+
+    `base` holds values applied before the file (the demo's settings). Raises ConfigError
+    listing every problem at once.
+    """
+    values: dict[str, Any] = dict(base or {})
+    where: dict[str, str] = {k: "demo config" for k in values}
+    explicit: set[str] = set()
+    source = str(path) if path else None
+    if path is not None:
+        data, lines = read_yaml(path)
+        for k, v in data.items():
+            values[str(k)] = v
+            explicit.add(str(k))
+            where[str(k)] = f"{path}:{lines[str(k)]}" if str(k) in lines else str(path)
+    if overrides:
+        ov = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        for k, v in ov.items():
+            values[k] = v
+            explicit.add(k)
+            where[k] = "command line"
+    config = build_config(values, where=where, explicit=explicit)
+    if config.output_dir is None:
+        name = Path(path).stem if path else "demo"
+        config.output_dir = str(Path("runs") / name)
+    return config
+
+
+def build_config(values: dict[str, Any], *, where: dict[str, str] | None = None,
+                 explicit: set[str] | None = None) -> Config:
+    """Type-check `values` against Config, then check combinations; all problems at once."""
+    where = where or {}
+    problems: list[str] = []
+    clean: dict[str, Any] = {}
+    for key, value in values.items():
+        at = f" ({where[key]})" if key in where else ""
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, FIELDS.keys(), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else "; run `fullscale train --help-keys` for the list"
+            problems.append(f"unknown key '{key}'{at}{hint}")
+            continue
+        ok, converted, why = _coerce(key, value)
+        if ok:
+            clean[key] = converted
+        else:
+            problems.append(f"{key}{at}: {why}")
+    config = Config(**clean)
+    config.explicit = set(explicit if explicit is not None else values)
+    problems += _check_combinations(config, where)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any) -> tuple[bool, Any, str]:
+    """Check one value against the key's type and choices; returns (ok, value, reason)."""
+    f = FIELDS[key]
+    choices = f.metadata.get("choices")
+    tp = _HINTS[key]
+    args = set(typing.get_args(tp)) or {tp}
+    nullable = type(None) in args
+    if value is None:
+        if nullable:
+            return True, None, ""
+        return False, None, f"must not be empty (default: {f.default!r})"
+    if choices is not None:
+        if isinstance(value, str) and value.lower() in ("true", "false") and True in choices:
+            value = value.lower() == "true"
+        if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
+            return True, value, ""
+        return False, None, f"got {value!r}; choose one of {', '.join(repr(c) for c in choices)}"
+    # Lists (with a single string accepted where the key allows it).
+    if any(typing.get_origin(a) is list for a in args):
+        if isinstance(value, str):
+            if key == "report_to":
+                value = [] if value == "none" else [value]
+            elif key == "lora_target_modules":
+                return True, value if value == "all-linear" else [value], ""
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            return False, None, f"got {value!r}; expected a list of names"
+        if key == "report_to":
+            bad = [v for v in value if v not in REPORT_TO]
+            if bad:
+                return False, None, f"unsupported {bad}; choose from {list(REPORT_TO)}"
+            value = [v for v in value if v != "none"]
+        return True, value, ""
+    if key == "dataloader_num_workers":
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return True, value, ""
+        return False, None, f"got {value!r}; expected 'auto' or a whole number >= 0"
+    if bool in args:
+        if isinstance(value, bool):
+            return True, value, ""
+        return False, None, f"got {value!r}; expected true or false"
+    if int in args:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return True, value, ""
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value), ""
+        return False, None, f"got {value!r} ({type(value).__name__}); expected a whole number"
+    if float in args:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value), ""
+        if isinstance(value, str):
+            try:
+                return True, float(value), ""
+            except ValueError:
+                pass
+        return False, None, f"got {value!r} ({type(value).__name__}); expected a number"
+    if str in args:
+        if isinstance(value, str):
+            return True, value, ""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith(("_dir", "_path")):
+            return True, str(value), ""
+        return False, None, f"got {value!r} ({type(value).__name__}); expected text"
+    return False, None, f"unsupported value {value!r}; expected {_type_name(tp)}"
+
+
+def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
+    """Ranges and impossible combinations, each with the fix."""
+    p: list[str] = []
+
+    def at(key: str) -> str:
+        return f" ({where[key]})" if key in where else ""
+
+    def need(cond: bool, key: str, text: str) -> None:
+        if not cond:
+            p.append(f"{key}{at(key)}: {text}")
+
+    need(c.learning_rate > 0, "learning_rate", f"got {c.learning_rate}; must be > 0 (the default is 2e-4)")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "lora_rank", "lora_alpha", "save_steps"):
+        need(getattr(c, key) >= 1, key, f"got {getattr(c, key)}; must be >= 1")
+    need(c.eval_steps >= 0, "eval_steps", f"got {c.eval_steps}; must be >= 0 (0: evaluate only at start and end)")
+    need(c.save_total_limit >= 1, "save_total_limit", f"got {c.save_total_limit}; must be >= 1 (at least one checkpoint is kept)")
+    need(c.max_seq_length >= 8, "max_seq_length", f"got {c.max_seq_length}; must be >= 8 tokens")
+    need(0 <= c.warmup_ratio < 1, "warmup_ratio", f"got {c.warmup_ratio}; must be in [0, 1)")
+    need(0 <= c.eval_split < 1, "eval_split", f"got {c.eval_split}; must be in [0, 1) (0: no held-out split)")
+    need(0 <= c.lora_dropout < 1, "lora_dropout", f"got {c.lora_dropout}; must be in [0, 1)")
+    need(c.weight_decay >= 0, "weight_decay", f"got {c.weight_decay}; must be >= 0")
+    need(c.max_grad_norm >= 0, "max_grad_norm", f"got {c.max_grad_norm}; must be >= 0 (0 disables clipping)")
+    need(c.early_stopping_patience >= 0, "early_stopping_patience", f"got {c.early_stopping_patience}; must be >= 0 (0 disables)")
+    need(c.early_stopping_min_delta >= 0, "early_stopping_min_delta", f"got {c.early_stopping_min_delta}; must be >= 0")
+    if c.max_steps <= 0:
+        need(c.num_train_epochs > 0, "num_train_epochs", f"got {c.num_train_epochs}; must be > 0 unless max_steps > 0")
+    need(c.max_steps == -1 or c.max_steps > 0, "max_steps", f"got {c.max_steps}; use a positive number of steps, or -1 to use num_train_epochs")
+    if c.packing:
+        p.append(f"packing{at('packing')}: padding-free packing is not available in this version of fullscale; "
+                 "remove the key or set packing: false")
+    for key in ("train_file", "eval_file"):
+        value = getattr(c, key)
+        if value and not Path(value).exists():
+            p.append(f"{key}{at(key)}: no such file or directory: {value}")
+    if c.model_name_or_path and _looks_like_path(c.model_name_or_path) and not Path(c.model_name_or_path).exists():
+        p.append(f"model_name_or_path{at('model_name_or_path')}: no such directory: {c.model_name_or_path} "
+                 "(give a local model directory or a hub id such as org/name)")
+    if c.eval_file and "eval_split" in c.explicit and c.eval_split > 0:
+        p.append(f"eval_split{at('eval_split')}: set together with eval_file; the eval data comes from eval_file, "
+                 "so remove eval_split (or set it to 0)")
+    # Evaluation needs eval data; early stopping needs evaluation.
+    if not c.has_eval_data:
+        if "eval_steps" in c.explicit and c.eval_steps > 0:
+            p.append(f"eval_steps{at('eval_steps')}: set to {c.eval_steps} but there is no eval data "
+                     "(no eval_file and eval_split is 0); give eval_file or eval_split > 0, or remove eval_steps")
+        if "early_stopping_patience" in c.explicit and c.early_stopping_patience > 0:
+            p.append(f"early_stopping_patience{at('early_stopping_patience')}: early stopping needs evaluation, but there is "
+                     "no eval data; give eval_file or eval_split > 0, or set early_stopping_patience: 0")
+    elif c.eval_steps == 0 and "early_stopping_patience" in c.explicit and c.early_stopping_patience > 0:
+        p.append(f"early_stopping_patience{at('early_stopping_patience')}: early stopping needs periodic evaluation, "
+                 "but eval_steps is 0; set eval_steps > 0 or early_stopping_patience: 0")
+    return p
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep + os.sep in name or name.count("/") > 1
+
+
+def effective_early_stopping(c: Config) -> int:
+    """Patience actually used: 0 when there is no periodic evaluation to stop on."""
+    if not c.has_eval_data or c.eval_steps == 0:
+        return 0
+    return c.early_stopping_patience
+
+
+def describe_keys() -> str:
+    """A table of every key, default and doc (for --help-keys and the README)."""
+    rows = []
+    for name, f in FIELDS.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        rows.append(f"  {name:30s} {str(default):34s} {f.metadata['doc']}")
+    return "\n".join(rows)

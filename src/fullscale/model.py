@@ -1,0 +1,153 @@
+"""Load the base model and tokenizer, choose dtype and attention, add LoRA through peft."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fullscale.config import Config
+from fullscale.errors import ModelError
+
+log = logging.getLogger("fullscale")
+
+
+@dataclass
+class ModelChoices:
+    """What was chosen for this device, and why; printed and recorded."""
+
+    dtype: torch.dtype
+    attn_implementation: str
+    tf32: bool
+
+    def describe(self) -> str:
+        return f"dtype {str(self.dtype).replace('torch.', '')}, attention {self.attn_implementation}, tf32 {'on' if self.tf32 else 'off'}"
+
+
+def choose(config: Config, device: torch.device) -> ModelChoices:
+    """Resolve the `auto` settings for `device`; never pick a kernel that is not installed."""
+    on_cuda = device.type == "cuda"
+    if config.bf16 == "auto":
+        use_bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    else:
+        use_bf16 = bool(config.bf16)
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if config.attn_implementation == "auto":
+        attn = "flash_attention_2" if (on_cuda and has_flash and use_bf16) else "sdpa"
+    elif config.attn_implementation == "flash_attention_2" and not (on_cuda and has_flash):
+        why = "flash-attn is not installed" if not has_flash else "the device is not a CUDA GPU"
+        log.warning("attn_implementation flash_attention_2 requested but %s; using sdpa", why)
+        attn = "sdpa"
+    else:
+        attn = config.attn_implementation
+
+    tf32 = False
+    if on_cuda and config.tf32 is not False:
+        major, _ = torch.cuda.get_device_capability(device)
+        tf32 = major >= 8
+    return ModelChoices(dtype=dtype, attn_implementation=attn, tf32=tf32)
+
+
+def resolve_model_path(config: Config) -> str:
+    if config.model_name_or_path:
+        return os.path.expanduser(config.model_name_or_path)
+    from fullscale.demo import DEMO_BASE
+
+    return str(DEMO_BASE)
+
+
+def load_tokenizer(config: Config):
+    """The base model's tokenizer, with a pad token (the eos token when it has none)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - many failure types; all mean "cannot load"
+        raise ModelError(_load_error("tokenizer", path, exc)) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(config: Config, choices: ModelChoices):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=choices.dtype,
+            attn_implementation=choices.attn_implementation,
+            trust_remote_code=config.trust_remote_code,
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(_load_error("model", path, exc)) from None
+    return model
+
+
+def _load_error(what: str, path: str, exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in str(exc):
+        return (f"cannot load the {what} from {path}: it needs custom code. If you trust this repository, "
+                "set trust_remote_code: true")
+    hint = ("check that the directory holds config.json and the weights saved with save_pretrained"
+            if Path(path).exists() else
+            "it is not a local directory, and a hub download failed (offline?); give a local directory "
+            "saved with save_pretrained")
+    return f"cannot load the {what} from {path}: {text}. {hint}"
+
+
+def add_lora(model, config: Config):
+    """Wrap `model` with LoRA adapters (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(
+            f"lora_target_modules {config.lora_target_modules!r} do not match this model ({exc}). "
+            f"Its linear layers are named: {', '.join(names)}; or use lora_target_modules: all-linear"
+        ) from None
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Non-reentrant checkpointing; use_cache off; input grads on so LoRA layers get gradients."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+    model.enable_input_require_grads()
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def build_model(config: Config, choices: ModelChoices):
+    """Base model + LoRA (+ gradient checkpointing), ready to train. Returns the peft model."""
+    model = load_base_model(config, choices)
+    model.config.use_cache = False
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model = add_lora(model, config)
+    return model

@@ -1,0 +1,177 @@
+"""What a run reports: metrics.jsonl, TensorBoard, the console progress line, memory statistics.
+
+Only the main process writes; other ranks get a Monitor that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+# ----------------------------------------------------------------------------- memory
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """Memory in GB. CUDA: allocated, reserved, peak, free (of the device's total_memory).
+    CPU: the process's resident set and its peak."""
+    gb = 1024**3
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        reserved = torch.cuda.memory_reserved(device)
+        return {
+            "allocated_gb": torch.cuda.memory_allocated(device) / gb,
+            "reserved_gb": reserved / gb,
+            "peak_gb": torch.cuda.max_memory_allocated(device) / gb,
+            "free_gb": (total - reserved) / gb,
+            "total_gb": total / gb,
+        }
+    rss = _proc_status_kb("VmRSS")
+    peak = _proc_status_kb("VmHWM")
+    if rss is None:
+        import resource
+
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"rss_gb": float("nan"), "peak_gb": peak_kb / 1024**2}
+    return {"rss_gb": rss / 1024**2, "peak_gb": (peak or rss) / 1024**2}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    return memory_stats(device)["peak_gb"]
+
+
+def format_memory(stats: dict[str, float]) -> str:
+    if "allocated_gb" in stats:
+        return (f"alloc {stats['allocated_gb']:.2f} GB, reserved {stats['reserved_gb']:.2f} GB, "
+                f"peak {stats['peak_gb']:.2f} GB, free {stats['free_gb']:.2f} GB")
+    return f"RSS {stats['rss_gb']:.2f} GB, peak {stats['peak_gb']:.2f} GB"
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def format_number(x: float) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)  # nan / inf are shown as such, never hidden
+    return f"{x:.4g}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf": JSON has no literal for them; keep them visible
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.item())
+    return value
+
+
+# ----------------------------------------------------------------------------- monitor
+
+class Monitor:
+    """Fan-out of one event to metrics.jsonl, TensorBoard and the console."""
+
+    def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int,
+                 stream=None, purge_step: int | None = None):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.stream = stream or sys.stdout
+        self.is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.run_dir = Path(run_dir)
+        self._line_open = False
+        self.writer = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "runs"), purge_step=purge_step)
+
+    # -- records
+    def event(self, kind: str, step: int, **values: Any) -> None:
+        """One JSON line per event (train log, eval, checkpoint, resume, health, ...)."""
+        if not self.enabled:
+            return
+        record = {"event": kind, "step": step, "time": round(time.time(), 3)}
+        record.update({k: _jsonable(v) for k, v in values.items()})
+        self._jsonl.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+
+    # -- console
+    def print(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._line_open:
+            self.stream.write("\n")
+            self._line_open = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def progress(self, step: int, *, loss: float, lr: float, tokens_per_s: float, eta_s: float,
+                 memory: dict[str, float], epoch: float, grad_norm: float | None = None) -> None:
+        if not self.enabled:
+            return
+        width = len(str(self.total_steps))
+        mem = memory.get("allocated_gb", memory.get("rss_gb", float("nan")))
+        gn = f" | gnorm {format_number(grad_norm)}" if grad_norm is not None else ""
+        line = (f"step {step:>{width}}/{self.total_steps} | epoch {epoch:.2f} | loss {format_number(loss)} | "
+                f"lr {lr:.3g}{gn} | {tokens_per_s:,.0f} tok/s | ETA {format_duration(eta_s)} | mem {mem:.2f} GB")
+        if self.is_tty:
+            self.stream.write("\r\x1b[2K" + line)
+            self._line_open = True
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self._line_open:
+            self.stream.write("\n")
+            self._line_open = False
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump({k: _jsonable(v) for k, v in data.items()}, fh, indent=2, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
