@@ -1,8 +1,73 @@
+import json
 import os
+import random
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def write_reverse_task(path: Path, n: int = 96, seed: int = 0) -> Path:
+    """prompt/completion rows: reverse a short word (variable lengths, so padding varies)."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            w = "".join(rng.choice("abcdefgh") for _ in range(rng.randint(2, 9)))
+            fh.write(json.dumps({"prompt": f"rev {w}:", "completion": w[::-1]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + char tokenizer saved with save_pretrained, as a user would bring it."""
+    from tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def reverse_data(tmp_path_factory):
+    return write_reverse_task(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model_dir, reverse_data):
+    """Config for a short real run on the tiny model; keyword overrides on top."""
+    from fullscale.config import load_config
+
+    def make(**overrides):
+        values = {
+            "model_name_or_path": str(tiny_model_dir),
+            "train_file": str(reverse_data),
+            "output_dir": str(tmp_path / "run"),
+            "max_steps": 6,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8,
+            "gradient_accumulation_steps": 2,
+            "eval_steps": 3,
+            "save_steps": 3,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+            "lora_dropout": 0.0,
+            "gradient_checkpointing": False,
+            "report_to": "none",
+            "eval_split": 0.1,
+        }
+        values.update(overrides)
+        return load_config(None, values)
+
+    return make
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    """Per-step train losses from metrics.jsonl (needs logging_steps=1)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}

@@ -61,7 +61,9 @@ class TrainState:
 def build_accelerator():
     from accelerate import Accelerator
 
-    return Accelerator()
+    # Without a GPU, accelerate only sets up several processes (gloo) when told the run is on the CPU.
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=multi_process and not torch.cuda.is_available())
 
 
 def set_seed(seed: int) -> None:
@@ -334,7 +336,9 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     def run_eval(step: int) -> EvalResult:
         batches = eval_batches(data.eval, batch_size=config.per_device_eval_batch_size, rank=rank,
                                num_processes=world, pad_token_id=tokenizer.pad_token_id)
-        result = evaluate(model, batches, accelerator=accelerator)
+        # The unwrapped model: DDP's forward syncs buffers across ranks, and ranks may hold
+        # different numbers of eval batches.
+        result = evaluate(accelerator.unwrap_model(model), batches, accelerator=accelerator)
         improved = stopper.update(result.eval_loss, step)
         state.last_eval_loss = result.eval_loss
         monitor.event("eval", step, eval_loss=result.eval_loss, eval_perplexity=result.eval_perplexity,
@@ -452,7 +456,7 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
                 mem = memory_stats(device)
                 per_step = (now - start_time - eval_seconds) / steps_this_process
                 eta = per_step * (total_steps - state.step)
-                epoch_f = state.epoch + state.micro_in_epoch / len(batches)
+                epoch_f = state.epoch + state.micro_in_epoch / len(batches)  # fractional epochs done
                 mean_loss = sum(losses_host) / len(losses_host)
                 monitor.event("train", state.step, loss=mean_loss, step_losses=losses_host, learning_rate=lr,
                               grad_norm=gn, tokens_per_second=tok_s, epoch=epoch_f, **mem)
@@ -460,9 +464,6 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
                                  memory=mem, epoch=epoch_f, grad_norm=gn)
                 log_losses, log_tokens, log_start = [], 0, time.perf_counter()
 
-            if state.micro_in_epoch >= len(batches):
-                state.epoch += 1
-                state.micro_in_epoch = 0
             if config.max_steps <= 0 and state.step >= total_steps:
                 stop_reason = "epochs"
             elif state.step >= total_steps:
@@ -482,6 +483,9 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
             log_start += time.perf_counter() - t0  # evaluation and saving are not training throughput
             if stop_reason is not None:
                 break
+        if state.micro_in_epoch >= len(batches):
+            state.epoch += 1
+            state.micro_in_epoch = 0
         if stop_reason is None and state.step >= total_steps:
             stop_reason = "max_steps" if config.max_steps > 0 else "epochs"
 

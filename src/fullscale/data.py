@@ -1,0 +1,773 @@
+"""Data: load a dataset file, convert its rows to token ids with the prompt masked out of the
+labels, truncate, split off an eval set, and collate batches.
+
+Pipeline, one function per step:
+
+    load_rows -> detect_format -> convert rows to text (validate, render) -> split
+              -> tokenize, mask prompt labels, truncate -> collate
+
+Nothing is dropped or cut silently: every skipped row and every truncated row is counted
+with its row number (its line number for .jsonl), and the counts go to the console.
+A bad row is skipped and reported (``invalid_rows: skip``) or stops the run with a
+`DataError` naming the file and row (``invalid_rows: error``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from fullscale.errors import ConfigError, DataError
+
+FORMATS = ("text", "prompt_completion", "alpaca", "messages")
+INVALID_ROWS = ("skip", "error")
+IGNORE_INDEX = -100  # label value that the loss ignores (torch cross_entropy's default)
+
+SUPPORTED_FILES = ".jsonl, .json, .csv, .parquet, or a directory written by datasets' save_to_disk"
+
+# The columns each format needs. Detection tries the most specific format first, so a file
+# with both 'messages' and 'text' columns is read as chat data.
+REQUIRED_COLUMNS = {
+    "messages": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+DETECT_ORDER = ("messages", "alpaca", "prompt_completion", "text")
+
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
+
+# The classic Alpaca prompt (tatsu-lab/stanford_alpaca), with and without the input section.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+
+_TOKENIZE_CHUNK = 2048  # texts per tokenizer call: fast batching without holding everything twice
+_MAX_LISTED = 5  # row numbers listed per category in console messages
+
+
+@dataclass
+class DataStats:
+    """Counts for one split, printed by the trainer.
+
+    `num_rows` = `num_examples` + `num_skipped`. Row numbers are 1-based as in the file
+    (line numbers for .jsonl; the header line is not counted for .csv).
+    """
+
+    num_rows: int = 0
+    num_examples: int = 0
+    num_truncated: int = 0
+    num_skipped: int = 0
+    skipped: list[tuple[int, str]] = field(default_factory=list)  # (row number, reason)
+    truncated_rows: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # input tokens over all examples, after truncation
+    num_label_tokens: int = 0  # tokens that carry loss (label != -100)
+
+
+@dataclass
+class PreparedData:
+    """Tokenized train (and eval) examples, each {"input_ids", "labels", "row"}."""
+
+    train: list[dict]
+    eval: list[dict] | None
+    format: str  # the format used (the detected one under "auto")
+    train_stats: DataStats
+    eval_stats: DataStats | None
+    messages: list[str]  # human-readable lines for the console
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+
+
+class _Rows(NamedTuple):
+    rows: list[tuple[int, dict | None, str | None]]
+    unit: str  # "line" (jsonl: row numbers are line numbers) or "row"
+
+
+def load_rows(path: str | os.PathLike) -> list[tuple[int, dict | None, str | None]]:
+    """Read a .jsonl/.json/.csv/.parquet file or a datasets save_to_disk directory.
+
+    Returns one (row_number, row, error) per row: row is a dict and error None, or row None
+    and error a reason (a malformed .jsonl line gives (line, None, "invalid JSON: ...") and
+    does not fail the file). Row numbers are 1-based: line numbers for .jsonl, row indices
+    otherwise (the .csv header not counted). A missing file, an unsupported extension or an
+    unreadable file raises DataError naming the path and the supported types.
+    """
+    return _read(path).rows
+
+
+def _read(path: str | os.PathLike) -> _Rows:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file not found: {str(path)!r}. Check the path; supported: {SUPPORTED_FILES}.")
+    if p.is_dir():
+        return _Rows(_read_saved_dataset(p), "row")
+    suffix = p.suffix.lower()
+    readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+               ".parquet": _read_parquet}
+    if suffix not in readers:
+        raise DataError(
+            f"unsupported data file type {suffix or '(no extension)'!r}: {str(path)!r}. "
+            f"Supported: {SUPPORTED_FILES}. Convert the file or rename it to match its content."
+        )
+    try:
+        return readers[suffix](p)
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:  # permissions, a corrupt parquet, ...
+        raise DataError(
+            f"cannot read data file {str(path)!r}: {exc}. Check that it is a valid {suffix} file "
+            f"(supported: {SUPPORTED_FILES})."
+        ) from exc
+
+
+def _parse_json_line(number: int, raw: bytes) -> tuple[int, dict | None, str | None] | None:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return number, None, f"not valid UTF-8 (byte {exc.start} of the line)"
+    if number == 1:
+        text = text.lstrip("\ufeff")  # a byte-order mark some editors write
+    if not text.strip():
+        return None  # blank lines are not rows
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return number, None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+    if not isinstance(value, dict):
+        return number, None, f"expected a JSON object, got {_json_type(value)}"
+    return number, value, None
+
+
+def _read_jsonl(p: Path) -> _Rows:
+    rows = []
+    # Bytes, decoded per line: one bad byte or line costs that row only, not the whole file.
+    with p.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            row = _parse_json_line(number, raw)
+            if row is not None:
+                rows.append(row)
+    return _Rows(rows, "line")
+
+
+def _read_json(p: Path) -> _Rows:
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not valid UTF-8 (byte {exc.start}). Re-save the file as UTF-8.") from exc
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # one object per line in a .json file: read it as JSON Lines
+            return _Rows([r for n, line in enumerate(raw.splitlines(), 1) if (r := _parse_json_line(n, line))], "line")
+        raise DataError(
+            f"{p}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}. Fix the file, or write it "
+            f"as .jsonl (one object per line) so that a bad row is skipped instead of failing the file."
+        ) from exc
+    records = value
+    if isinstance(value, dict):
+        lists = {k: v for k, v in value.items() if k in ("data", "records", "rows") and isinstance(v, list)}
+        records = next(iter(lists.values())) if len(lists) == 1 else None
+    if not isinstance(records, list):
+        raise DataError(
+            f"{p}: expected a JSON list of objects (or {{\"data\": [...]}}), got {_json_type(value)}"
+            + (f" with keys {sorted(value)[:10]}" if isinstance(value, dict) else "")
+            + ". Write the rows as a list of objects, or as .jsonl (one object per line)."
+        )
+    rows = []
+    for number, item in enumerate(records, start=1):
+        if isinstance(item, dict):
+            rows.append((number, item, None))
+        else:
+            rows.append((number, None, f"expected a JSON object, got {_json_type(item)}"))
+    return _Rows(rows, "row")
+
+
+def _read_csv(p: Path) -> _Rows:
+    rows = []
+    old_limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # the default (128 KiB) rejects long documents
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            for number, record in enumerate(reader, start=1):
+                # Empty cells are null; cells past the header (key None) are dropped.
+                rows.append((number, {k: (v if v != "" else None) for k, v in record.items() if k is not None}, None))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{p}: not valid UTF-8 (after data row {len(rows)}). Re-save the file as UTF-8.") from exc
+    except csv.Error as exc:
+        raise DataError(f"{p}: malformed CSV at data row {len(rows) + 1}: {exc}. Fix the quoting there.") from exc
+    finally:
+        csv.field_size_limit(old_limit)
+    return _Rows(rows, "row")
+
+
+def _read_parquet(p: Path) -> _Rows:
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(p).to_pylist()
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid/ArrowIOError types
+        raise DataError(f"cannot read parquet file {str(p)!r}: {exc}. Check that the file is complete.") from exc
+    return _Rows([(n, r, None) for n, r in enumerate(records, start=1)], "row")
+
+
+def _read_saved_dataset(p: Path) -> list[tuple[int, dict | None, str | None]]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as exc:  # FileNotFoundError when the directory is not a saved dataset
+        raise DataError(
+            f"{str(p)!r} is a directory but not a dataset written by datasets' save_to_disk ({exc}). "
+            f"Point train_file/eval_file at a file ({SUPPORTED_FILES}) or at a save_to_disk directory."
+        ) from exc
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(
+                f"{str(p)!r} holds a DatasetDict without a 'train' split (splits: {', '.join(ds)}). "
+                f"Save the split you want on its own (ds['{next(iter(ds), 'name')}'].save_to_disk(...))."
+            )
+        ds = ds["train"]
+    return [(n, r, None) for n, r in enumerate(ds.to_list(), start=1)]
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+             int: "a number", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------------------
+# Format detection
+
+
+def _match_format(columns: set[str]) -> str | None:
+    for fmt in DETECT_ORDER:
+        if all(c in columns for c in REQUIRED_COLUMNS[fmt]):
+            return fmt
+    return None
+
+
+def _expected_columns() -> str:
+    return "; ".join(
+        f"{fmt}: {', '.join(REQUIRED_COLUMNS[fmt])}" + (" (+ optional input)" if fmt == "alpaca" else "")
+        for fmt in DETECT_ORDER
+    )
+
+
+def detect_format(columns: set[str], *, path) -> str:
+    """The dataset format that `columns` fit, trying messages > alpaca > prompt_completion > text.
+
+    Raises DataError listing the columns found and the ones each format expects when none fits.
+    """
+    fmt = _match_format(set(columns))
+    if fmt is not None:
+        return fmt
+    found = ", ".join(sorted(columns)) or "(none)"
+    hint = ""
+    if "conversations" in columns:
+        hint = (" A 'conversations' column looks like ShareGPT data: convert it to a 'messages' column of "
+                "{'role', 'content'} objects.")
+    raise DataError(
+        f"{path}: cannot detect the dataset format from its columns ({found}). Expected columns: "
+        f"{_expected_columns()}.{hint} Rename the columns, or set dataset_format to one of {', '.join(FORMATS)}."
+    )
+
+
+def _choose_format(records: list[tuple[int, dict]], *, path, dataset_format: str) -> tuple[str, str | None]:
+    """The format for these rows and, under auto, the console message saying which was chosen.
+
+    Detection looks at every row, not just the first: each distinct column set votes with its
+    number of rows (JSON Lines rows need not share their keys).
+    """
+    column_sets = Counter(frozenset(row) for _, row in records)
+    all_columns = set().union(*column_sets) if column_sets else set()
+    if dataset_format != "auto":
+        required = REQUIRED_COLUMNS[dataset_format]
+        if records and not any(all(c in cols for c in required) for cols in column_sets):
+            detected = _match_format(all_columns)
+            hint = f" The columns fit '{detected}': set dataset_format: {detected} (or auto)." if detected else ""
+            raise DataError(
+                f"{path}: dataset_format '{dataset_format}' needs the column(s) {', '.join(required)}, but no row "
+                f"has them (columns found: {', '.join(sorted(all_columns)) or '(none)'}).{hint}"
+            )
+        return dataset_format, None
+    votes: Counter[str] = Counter()
+    for cols, count in column_sets.items():
+        fmt = _match_format(set(cols))
+        if fmt is not None:
+            votes[fmt] += count
+    if not votes:
+        detect_format(all_columns, path=path)  # raises with the columns found and expected
+    best = max(votes.values())
+    fmt = next(f for f in DETECT_ORDER if votes.get(f) == best)
+    message = f"dataset_format auto: detected '{fmt}' (columns: {', '.join(sorted(all_columns))})"
+    others = sum(votes.values()) - votes[fmt]
+    if others:
+        message += f"; {others:,} rows look like another format and will be skipped"
+    return fmt, message
+
+
+# --------------------------------------------------------------------------------------
+# Row conversion: validate a row and turn it into text (no tokens yet)
+
+
+class _Invalid(Exception):
+    """A row that cannot be used; the message is the reason shown with its row number."""
+
+
+class _TemplateUnstable(Exception):
+    """The chat template renders a prefix of a conversation differently from the full one."""
+
+    def __init__(self, detail: str, index: int = -1):
+        super().__init__(detail)
+        self.index = index  # which item, when raised while tokenizing a batch
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))  # pandas/csv NaN
+
+
+def _required_str(row: dict, key: str) -> str:
+    if key not in row:
+        raise _Invalid(f"missing '{key}'")
+    value = row[key]
+    if _is_null(value):
+        raise _Invalid(f"null '{key}'")
+    if not isinstance(value, str):
+        hint = " (conversational prompt/completion is not supported: use a 'messages' column)" if isinstance(
+            value, list) else ""
+        raise _Invalid(f"'{key}' must be a string, got {_json_type(value)}{hint}")
+    if not value.strip():
+        raise _Invalid(f"empty '{key}'")
+    return value
+
+
+def format_alpaca_prompt(*, instruction: str, input: str | None = None) -> str:
+    """The classic Alpaca prompt for an instruction (and optional input), ending in '### Response:\\n'."""
+    if input:
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def _convert_prompt_completion(row: dict) -> tuple[str, str]:
+    return _required_str(row, "prompt"), _required_str(row, "completion")
+
+
+def _convert_alpaca(row: dict) -> tuple[str, str]:
+    instruction = _required_str(row, "instruction")
+    output = _required_str(row, "output")
+    extra = row.get("input")
+    if _is_null(extra):
+        extra = None
+    elif not isinstance(extra, str):
+        raise _Invalid(f"'input' must be a string, got {_json_type(extra)}")
+    return format_alpaca_prompt(instruction=instruction, input=extra if extra and extra.strip() else None), output
+
+
+def _validate_messages(row: dict) -> list[dict]:
+    if "messages" not in row:
+        raise _Invalid("missing 'messages'")
+    messages = row["messages"]
+    if _is_null(messages):
+        raise _Invalid("null 'messages'")
+    if isinstance(messages, str):  # a CSV cell holding the list as JSON
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            raise _Invalid("'messages' must be a list of {role, content} objects, got a string") from None
+    if not isinstance(messages, list):
+        raise _Invalid(f"'messages' must be a list of {{role, content}} objects, got {_json_type(messages)}")
+    if not messages:
+        raise _Invalid("empty 'messages'")
+    for i, message in enumerate(messages, start=1):
+        where = f"message {i} of {len(messages)}"
+        if not isinstance(message, dict):
+            raise _Invalid(f"{where} must be an object with 'role' and 'content', got {_json_type(message)}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise _Invalid(f"{where} has no 'role'")
+        if role not in KNOWN_ROLES:
+            raise _Invalid(f"{where} has unknown role {role!r} (expected one of: {', '.join(KNOWN_ROLES)})")
+        content = message.get("content")
+        if role == "assistant" and message.get("tool_calls") and (_is_null(content) or content == ""):
+            continue  # a tool call carries no text content
+        if "content" not in message or _is_null(content):
+            raise _Invalid(f"{where} ({role}) has no 'content'")
+        if not isinstance(content, str):
+            raise _Invalid(f"{where} ({role}): 'content' must be a string, got {_json_type(content)}")
+        if not content.strip() and role != "system":  # an empty system prompt is common and harmless
+            raise _Invalid(f"{where} ({role}) has empty 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _Invalid("no assistant message: nothing to learn")
+    return messages
+
+
+def _render(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja errors raised by the template itself ("roles must alternate", ...)
+        raise _Invalid(f"the chat template cannot render this conversation: {exc}") from exc
+
+
+def _convert_messages(row: dict, tokenizer) -> tuple[str, list[tuple[str, str]]]:
+    """The rendered conversation and, per assistant message, the rendered text before and after it.
+
+    The assistant tokens are those between render(messages[:i], add_generation_prompt=True)
+    and render(messages[:i+1]): the reply and the template's end marker, so the model learns
+    to stop. This holds only if each rendering is a prefix of the next (checked here).
+    """
+    messages = _validate_messages(row)
+    full = _render(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        last = i == len(messages) - 1
+        after = full if last else _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (after.startswith(before) and full.startswith(after)):
+            raise _TemplateUnstable(f"at message {i + 1}")
+        spans.append((before, None if last else after))  # None: up to the end of the conversation
+    return full, spans
+
+
+# --------------------------------------------------------------------------------------
+# Tokenization
+
+
+def _tokenize(tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        encoded = tokenizer(texts[start : start + _TOKENIZE_CHUNK], add_special_tokens=add_special_tokens,
+                            return_attention_mask=False, verbose=False)  # verbose: no "longer than" warning
+        ids.extend(list(x) for x in encoded["input_ids"])
+    return ids
+
+
+def _token_boundary(prefix_ids: list[int], full_ids: list[int]) -> int | None:
+    """Where the tokens of a rendered prefix end inside the full conversation's tokens.
+
+    Exact when the prefix tokenizes to a prefix of the full tokens. A BPE merge across the
+    boundary (e.g. two newlines) may change the last token or two; then the common prefix is
+    the boundary. Anything more means the template and tokenizer are not prefix-stable: None.
+    """
+    n = len(prefix_ids)
+    if full_ids[:n] == prefix_ids:
+        return n
+    common = 0
+    for a, b in zip(prefix_ids, full_ids):
+        if a != b:
+            break
+        common += 1
+    return common if n - common <= 2 else None
+
+
+def _tokenize_items(fmt: str, items: list, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per converted item, before truncation."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == "text":
+        # Loss on every token; the BOS label is never used (labels are shifted inside the model).
+        return [(ids + eos, ids + eos) for ids in _tokenize(tokenizer, items, add_special_tokens=True)]
+    if fmt in ("prompt_completion", "alpaca"):
+        prompts = _tokenize(tokenizer, [p for p, _ in items], add_special_tokens=True)  # with BOS
+        completions = _tokenize(tokenizer, [c for _, c in items], add_special_tokens=False)
+        return [
+            (p + c + eos, [IGNORE_INDEX] * len(p) + c + eos) for p, c in zip(prompts, completions)
+        ]
+    # messages: the template writes BOS itself, so no special tokens are added here.
+    fulls = _tokenize(tokenizer, [full for full, _ in items], add_special_tokens=False)
+    # Tokenize every rendered prefix (empty and full-conversation ones need no tokenizing).
+    prefixes = [text for _, spans in items for pair in spans for text in pair if text]
+    prefix_ids = iter(_tokenize(tokenizer, prefixes, add_special_tokens=False))
+    out = []
+    for index, ((_, spans), ids) in enumerate(zip(items, fulls)):
+        labels = [IGNORE_INDEX] * len(ids)
+        for before, after in spans:
+            start = _token_boundary(next(prefix_ids), ids) if before else 0
+            end = _token_boundary(next(prefix_ids), ids) if after else len(ids)
+            if start is None or end is None:
+                raise _TemplateUnstable("its tokens differ from the full conversation's", index)
+            labels[start:end] = ids[start:end]
+        out.append((ids, labels))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Preparing one split
+
+
+class _Source(NamedTuple):
+    path: str
+    unit: str  # "line" or "row"
+
+
+def _convert_rows(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str):
+    """Validate and render every row. Returns (items, row numbers, skipped (row, reason))."""
+    converters = {"text": lambda r: _required_str(r, "text"), "prompt_completion": _convert_prompt_completion,
+                  "alpaca": _convert_alpaca, "messages": lambda r: _convert_messages(r, tokenizer)}
+    convert = converters[fmt]
+    items, numbers, skipped = [], [], []
+    for number, row, error in rows:
+        try:
+            if error is not None:
+                raise _Invalid(error)
+            items.append(convert(row))
+            numbers.append(number)
+        except _Invalid as exc:
+            if invalid_rows == "error":
+                raise DataError(
+                    f"{source.path} {source.unit} {number}: {exc}. Fix the {source.unit}, or set "
+                    f"`invalid_rows: skip` to skip invalid rows and report them."
+                ) from None
+            skipped.append((number, str(exc)))
+        except _TemplateUnstable as exc:
+            raise _template_unstable_error(source, number, str(exc)) from None
+    return items, numbers, skipped
+
+
+def _template_unstable_error(source: _Source, number: int, detail: str) -> DataError:
+    return DataError(
+        f"{source.path} {source.unit} {number}: the tokenizer's chat template is not prefix-stable "
+        f"({detail}): rendering the conversation up to an assistant message does not give the start of the "
+        f"full conversation, so the assistant tokens cannot be located for loss masking. This happens with "
+        f"templates that rewrite earlier turns (for example, dropping reasoning from past assistant turns). "
+        f"Fix: set a chat template that renders each turn independently, split the conversations into one "
+        f"example per assistant turn, or convert the data to dataset_format prompt_completion."
+    )
+
+
+def _build_examples(items, numbers, *, fmt, tokenizer, max_seq_length, source: _Source, stats: DataStats):
+    """Tokenize, mask, truncate; fill the token counts of `stats`. Returns the examples."""
+    try:
+        encoded = _tokenize_items(fmt, items, tokenizer)
+    except _TemplateUnstable as exc:
+        raise _template_unstable_error(source, numbers[exc.index], str(exc)) from None
+    examples = []
+    for number, (ids, labels) in zip(numbers, encoded):
+        truncated = len(ids) > max_seq_length
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        num_label_tokens = len(labels) - labels.count(IGNORE_INDEX)
+        # labels[0] never carries loss (the model predicts token t+1 from tokens <= t).
+        if num_label_tokens - (labels[0] != IGNORE_INDEX) == 0:
+            stats.skipped.append((number, f"prompt longer than max_seq_length={max_seq_length}: nothing to learn"))
+            continue
+        if truncated:
+            stats.truncated_rows.append(number)
+        stats.num_tokens += len(ids)
+        stats.num_label_tokens += num_label_tokens
+        examples.append({"input_ids": ids, "labels": labels, "row": number})
+    stats.skipped.sort()
+    stats.num_examples = len(examples)
+    stats.num_skipped = len(stats.skipped)
+    stats.num_truncated = len(stats.truncated_rows)
+    return examples
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+def _listed(unit: str, numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:_MAX_LISTED])
+    more = f", and {len(numbers) - _MAX_LISTED:,} more" if len(numbers) > _MAX_LISTED else ""
+    return f"{unit}{'s' if len(numbers) > 1 else ''} {shown}{more}"
+
+
+def _summary(name: str, stats: DataStats, *, unit: str, max_seq_length: int) -> str:
+    parts = [f"{name}: {_count(stats.num_rows, 'row')} -> {_count(stats.num_examples, 'example')}, "
+             f"{_count(stats.num_tokens, 'token')} ({stats.num_label_tokens:,} with loss)"]
+    if stats.num_truncated:
+        parts.append(f"{stats.num_truncated:,} truncated to max_seq_length={max_seq_length} "
+                     f"({_listed(unit, stats.truncated_rows)})")
+    if stats.num_skipped:
+        reasons = "; ".join(f"{unit} {n}: {reason}" for n, reason in stats.skipped[:_MAX_LISTED])
+        more = f"; and {stats.num_skipped - _MAX_LISTED:,} more" if stats.num_skipped > _MAX_LISTED else ""
+        parts.append(f"{stats.num_skipped:,} skipped ({reasons}{more})")
+    return ", ".join(parts)
+
+
+def _no_examples_error(name: str, stats: DataStats, *, fmt: str, unit: str, max_seq_length: int) -> DataError:
+    if stats.num_rows == 0:
+        return DataError(f"{name}: no rows to train on (the data is empty). Check train_file/eval_file.")
+    reasons = "; ".join(f"{unit} {n}: {reason}" for n, reason in stats.skipped[:_MAX_LISTED])
+    fix = (f"Increase max_seq_length (now {max_seq_length}) or shorten the prompts."
+           if all("max_seq_length" in r for _, r in stats.skipped)
+           else f"Fix the rows, or check that dataset_format '{fmt}' is the right one.")
+    return DataError(f"{name}: none of its {stats.num_rows:,} rows can be used as dataset_format '{fmt}' "
+                     f"({reasons}). {fix}")
+
+
+# --------------------------------------------------------------------------------------
+# Public entry point
+
+
+def _check_arguments(*, dataset_format, eval_split, max_seq_length, invalid_rows, train_file):
+    problems = []
+    if train_file is None:
+        problems.append("train_file is not set: give a dataset file (" + SUPPORTED_FILES + ")")
+    if dataset_format != "auto" and dataset_format not in FORMATS:
+        problems.append(f"dataset_format: {dataset_format!r} is not one of auto, {', '.join(FORMATS)}")
+    if not (isinstance(eval_split, (int, float)) and 0 <= eval_split < 1):
+        problems.append(f"eval_split: {eval_split!r} must be a fraction in [0, 1)")
+    if not (isinstance(max_seq_length, int) and max_seq_length >= 2):
+        problems.append(f"max_seq_length: {max_seq_length!r} must be an integer >= 2")
+    if invalid_rows not in INVALID_ROWS:
+        problems.append(f"invalid_rows: {invalid_rows!r} is not one of {', '.join(INVALID_ROWS)}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
+                 seed: int, tokenizer, invalid_rows: str = "skip") -> PreparedData:
+    """Load, convert, tokenize and mask the train (and eval) data.
+
+    - Format: `dataset_format` or, under "auto", detected from the columns of all rows
+      (messages > alpaca > prompt_completion > text); eval_file is read in the same format.
+    - Labels: -100 on prompt tokens; loss on the completion/output + EOS, on each assistant
+      message + its end marker (messages), on everything (text).
+    - Rows longer than max_seq_length are truncated on the right and counted; a row with no
+      label left after truncation is skipped with its reason.
+    - Invalid rows are skipped and reported (invalid_rows="skip") or raise DataError
+      ("error"); a file with no usable row always raises DataError.
+    - Eval: eval_file if given; else, when eval_split > 0, ceil(n * eval_split) of the train
+      file's valid rows (at least 1 when n >= 2), chosen by `seed`. Rows skipped as invalid
+      are counted in train_stats. Examples keep file order.
+    """
+    _check_arguments(dataset_format=dataset_format, eval_split=eval_split, max_seq_length=max_seq_length,
+                     invalid_rows=invalid_rows, train_file=train_file)
+    messages: list[str] = []
+
+    # 1. Read the train file and settle the format (eval_file must fit the same one).
+    train_read = _read(train_file)
+    train_source = _Source(str(train_file), train_read.unit)
+    valid = [(n, row) for n, row, err in train_read.rows if err is None]
+    if not valid:  # nothing to detect from: say why instead of "no columns"
+        stats = DataStats(num_rows=len(train_read.rows), skipped=[(n, e) for n, _, e in train_read.rows])
+        raise _no_examples_error(train_source.path, stats, fmt=dataset_format, unit=train_source.unit,
+                                 max_seq_length=max_seq_length)
+    fmt, detected = _choose_format(valid, path=train_source.path, dataset_format=dataset_format)
+    if detected:
+        messages.append(detected)
+    _check_tokenizer(tokenizer, fmt)
+    if tokenizer.eos_token_id is None and fmt != "messages":
+        messages.append("the tokenizer has no eos_token: examples end without one, so the model will not learn "
+                        "to stop")
+
+    # 2. Validate and render rows (invalid ones are skipped or raise here), then split off eval.
+    def convert(rows, source: _Source):
+        return _convert_rows(rows, fmt=fmt, tokenizer=tokenizer, source=source, invalid_rows=invalid_rows)
+
+    items, numbers, skipped = convert(train_read.rows, train_source)
+    train_part = _Part(train_source.path, train_source, len(train_read.rows), items, numbers, skipped)
+    eval_part = None
+    if not items:
+        pass  # reported below with every skip reason
+    elif eval_file is not None:
+        eval_read = _read(eval_file)
+        eval_source = _Source(str(eval_file), eval_read.unit)
+        eval_valid = [(n, row) for n, row, err in eval_read.rows if err is None]
+        _choose_format(eval_valid, path=eval_source.path, dataset_format=fmt)  # same format, or a clear error
+        eval_part = _Part(eval_source.path, eval_source, len(eval_read.rows), *convert(eval_read.rows, eval_source))
+    elif eval_split > 0 and len(items) >= 2:
+        train_part, eval_part = _split_eval(train_part, eval_split=eval_split, seed=seed)
+        messages.append(f"eval: {len(eval_part.items):,} of {len(items):,} valid rows of {train_source.path} held "
+                        f"out (eval_split={eval_split}, seed={seed})")
+    elif eval_split > 0:
+        messages.append(f"eval: none (eval_split={eval_split} needs at least 2 valid rows, found {len(items)})")
+
+    # 3. Tokenize, mask and truncate each part.
+    results = []
+    for part in (train_part, eval_part):
+        if part is None:
+            results.append((None, None))
+            continue
+        stats = DataStats(num_rows=part.num_rows, skipped=list(part.skipped))
+        examples = _build_examples(part.items, part.numbers, fmt=fmt, tokenizer=tokenizer,
+                                   max_seq_length=max_seq_length, source=part.source, stats=stats)
+        messages.append(_summary(part.name, stats, unit=part.source.unit, max_seq_length=max_seq_length))
+        if not examples:
+            raise _no_examples_error(part.name, stats, fmt=fmt, unit=part.source.unit, max_seq_length=max_seq_length)
+        results.append((examples, stats))
+    (train, train_stats), (eval_examples, eval_stats) = results
+    return PreparedData(train=train, eval=eval_examples, format=fmt, train_stats=train_stats,
+                        eval_stats=eval_stats, messages=messages)
+
+
+class _Part(NamedTuple):
+    """One split's converted rows, before tokenization."""
+
+    name: str  # how the console names it
+    source: _Source
+    num_rows: int  # rows of the file in this part, invalid ones included
+    items: list
+    numbers: list[int]
+    skipped: list[tuple[int, str]]
+
+
+def _split_eval(part: _Part, *, eval_split: float, seed: int) -> tuple[_Part, _Part]:
+    """Hold out ceil(n * eval_split) valid rows (at least 1, at most n - 1), chosen by `seed`.
+
+    Invalid rows stay with train (they belong to no split). Both parts keep file order.
+    """
+    n = len(part.items)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[: min(n - 1, max(1, math.ceil(n * eval_split)))])
+    keep = [i for i in range(n) if i not in held_out]
+    out = [i for i in range(n) if i in held_out]
+    train = _Part(f"{part.name} (train split)", part.source, part.num_rows - len(out),
+                  [part.items[i] for i in keep], [part.numbers[i] for i in keep], part.skipped)
+    evaluation = _Part(f"{part.name} (eval split)", part.source, len(out),
+                       [part.items[i] for i in out], [part.numbers[i] for i in out], [])
+    return train, evaluation
+
+
+def _check_tokenizer(tokenizer, fmt: str) -> None:
+    if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "dataset_format 'messages' needs a tokenizer with a chat template, and this tokenizer has none. "
+            "Fix: use a model whose tokenizer ships one (usually the -Instruct/-Chat variant), set "
+            "tokenizer.chat_template, or convert the data to prompt_completion (columns prompt, completion)."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Batching
+
+
+def collate(examples: list[dict], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch on the right to its longest example (not to max_seq_length).
+
+    Returns int64 tensors [batch, longest]: input_ids (pad_token_id on pads), attention_mask
+    (0 on pads), labels (-100 on pads).
+    """
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[i, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(ex["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
