@@ -9,6 +9,7 @@ removes the best checkpoint, and never leaves fewer than one valid checkpoint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fullscale.errors import CheckpointError
+from fullscale import faults
+from fullscale.errors import CheckpointError, DiskSpaceError
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -80,6 +82,8 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
     for f in _files(staging):
         fsync_file(f)
         entries[str(f.relative_to(staging))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        faults.hit("save_file")
+    faults.hit("before_manifest")
     body = {"version": MANIFEST_VERSION, "created": time.time(), **(manifest or {}), "files": entries}
     mpath = staging / MANIFEST
     with open(mpath, "w") as fh:
@@ -87,6 +91,7 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
         fh.flush()
         os.fsync(fh.fileno())
     fsync_dir(staging)
+    faults.hit("before_rename")
     old = None
     if final.exists():
         # Move the old directory aside (atomic), put the new one in place, then delete the
@@ -246,12 +251,44 @@ class CheckpointManager:
         return None
 
     # -- saving
+    def check_free_space(self) -> None:
+        """Refuse to start a save that cannot fit: the next checkpoint is about as large as the last."""
+        last = self.latest()
+        if last is None:
+            return
+        needed = int(last.size * 1.1) + (1 << 20)
+        free = shutil.disk_usage(self.run_dir).free
+        if free < needed:
+            raise DiskSpaceError(
+                f"not enough disk space to save a checkpoint in {self.run_dir}: {free:,} bytes free, about "
+                f"{needed:,} needed (the last checkpoint took {last.size:,}). Every committed checkpoint is intact; "
+                f"free space (or lower save_total_limit) and run the same command again to resume")
+
     def save(self, step: int, write: Callable[[Path], None], *, manifest: dict[str, Any]) -> Path:
-        """Write checkpoint-<step> crash-safely; `write(dir)` puts the files into the staging dir."""
+        """Write checkpoint-<step> crash-safely; `write(dir)` puts the files into the staging dir.
+
+        A full or read-only disk stops with DiskSpaceError; the staging directory is removed and
+        every committed checkpoint stays as it was.
+        """
+        self.check_free_space()
         final = self.run_dir / f"checkpoint-{step}"
-        staging = staging_dir(self.run_dir, final.name)
-        write(staging)
-        commit_directory(staging, final, manifest={"step": step, **manifest})
+        staging = None
+        try:
+            staging = staging_dir(self.run_dir, final.name)
+            write(staging)
+            faults.hit("enospc")
+            commit_directory(staging, final, manifest={"step": step, **manifest})
+        except OSError as exc:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                last = self.latest()
+                need = f"about {last.size:,} bytes" if last else "space for one checkpoint"
+                raise DiskSpaceError(
+                    f"cannot write checkpoint-{step} in {self.run_dir}: {exc.strerror} ({need} needed). "
+                    "Every committed checkpoint is intact; fix the disk (free space, permissions) and run the "
+                    "same command again to resume") from None
+            raise
         return final
 
     def rotate(self, *, best_step: int | None) -> list[int]:
@@ -265,6 +302,7 @@ class CheckpointManager:
         removed = []
         for info in valid:
             if info.step not in keep and len(valid) - len(removed) > 1:
+                faults.hit("rotation")
                 _remove_tree(info.path)
                 removed.append(info.step)
         return removed

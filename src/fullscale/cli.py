@@ -86,7 +86,11 @@ def _resume_parser(p):
 def _run_training(config, *, demo: bool) -> int:
     from fullscale.train import train
 
+    from fullscale.preemption import EXIT_PREEMPTED
+
     result = train(config)
+    if result["stop_reason"] == "preempted":
+        return EXIT_PREEMPTED
     if demo:
         _show_demo_generations(result)
     return EXIT_OK

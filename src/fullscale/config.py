@@ -89,6 +89,7 @@ class Config:
     early_stopping_patience: int = _key(3, "stop after this many evaluations without improvement (0 disables)")
     early_stopping_min_delta: float = _key(0.001, "an eval loss must beat the best by more than this to count")
     resume: str = _key("auto", "auto: continue from the newest valid checkpoint in output_dir; never: refuse to reuse a run directory", RESUME)
+    force_resume: bool = _key(False, "resume even though the model, data or settings changed (the run is then no longer exact)")
     # --- output and monitoring ---
     output_dir: str | None = _key(None, "the run directory (default runs/<config name>, runs/demo for the demo)")
     logging_steps: int = _key(10, "log train metrics every this many steps")

@@ -40,3 +40,9 @@ class ModelError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or run directory cannot be used as given."""
+
+
+class DiskSpaceError(UserError):
+    """A checkpoint cannot be written (disk full, read-only, no permission). Not bad input, so exit 1."""
+
+    exit_code = 1

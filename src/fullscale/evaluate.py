@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fullscale import faults
 from fullscale.loss import token_loss_sum
 
 
@@ -39,6 +40,7 @@ def evaluate(model, batches, *, accelerator) -> EvalResult:
         loss_sum += total.double()
         num_tokens += count
         del logits
+        faults.hit("eval")
     if accelerator.num_processes > 1:
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
         num_tokens = accelerator.reduce(num_tokens, reduction="sum")

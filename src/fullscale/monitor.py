@@ -97,7 +97,7 @@ class Monitor:
     """Fan-out of one event to metrics.jsonl, TensorBoard and the console."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int,
-                 stream=None, purge_step: int | None = None):
+                 stream=None, purge_step: int | None = None, files: bool = True):
         self.enabled = enabled
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
@@ -106,7 +106,7 @@ class Monitor:
         self._line_open = False
         self.writer = None
         self._jsonl = None
-        if not enabled:
+        if not enabled or not files:
             return
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
@@ -117,7 +117,7 @@ class Monitor:
     # -- records
     def event(self, kind: str, step: int, **values: Any) -> None:
         """One JSON line per event (train log, eval, checkpoint, resume, health, ...)."""
-        if not self.enabled:
+        if not self.enabled or self._jsonl is None:
             return
         record = {"event": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})

@@ -1,0 +1,31 @@
+"""Fault injection for the crash-safety tests and scripts/fault_injection.py.
+
+`FULLSCALE_FAULT=<point>@<step>[,<point>@<step>...]` makes the process SIGKILL itself (or, for
+`enospc`, fail a write as a full disk would) when it reaches that point at that optimizer step.
+Points: `micro` (inside an accumulation window), `step` (after the optimizer step, before
+logging), `eval` (inside an evaluation), `save_file` (a checkpoint file written, before the
+others), `before_manifest`, `before_rename`, `rotation` (while rotating), `enospc` (disk full
+during a checkpoint write). Unset in normal runs: each check is one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+_SPEC = os.environ.get("FULLSCALE_FAULT", "")
+_POINTS: set[tuple[str, int]] = set()
+for item in filter(None, (s.strip() for s in _SPEC.split(","))):
+    name, _, step = item.partition("@")
+    _POINTS.add((name, int(step or 0)))
+
+current_step = 0
+
+
+def hit(point: str, step: int | None = None) -> None:
+    """Kill this process (SIGKILL: no cleanup, like a crash) if `point` is armed for this step."""
+    if _POINTS and (point, current_step if step is None else step) in _POINTS:
+        if point == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,163 @@
+"""What a resume needs besides the checkpoint: the run directory's state, fingerprints of the
+model, tokenizer and data, the compatibility check, and continuity of the records."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from fullscale import checkpoint as ckpt
+from fullscale.config import Config
+from fullscale.errors import ConfigError
+
+# Settings whose change makes a resumed run a different run. The model, tokenizer and data are
+# compared by content (fingerprints), not by path; the batch by what each step sees.
+EXACTNESS_KEYS = (
+    "dataset_format", "max_seq_length", "invalid_rows", "packing", "seed", "eval_split",
+    "learning_rate", "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler_type",
+    "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "num_train_epochs",
+    "max_steps", "bf16", "early_stopping_patience", "early_stopping_min_delta", "eval_steps",
+)
+# Changes that do not alter what is computed: accepted on resume and recorded.
+HARMLESS_KEYS = ("logging_steps", "report_to", "save_steps", "save_total_limit", "output_dir", "resume",
+                 "force_resume", "dataloader_num_workers", "per_device_eval_batch_size", "tf32",
+                 "attn_implementation", "gradient_checkpointing", "trust_remote_code",
+                 "model_name_or_path", "train_file", "eval_file", "per_device_train_batch_size")
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json")
+
+
+def _hash_files(files: list[Path], root: Path, *, full: bool, h=None) -> str:
+    h = h or hashlib.sha256()
+    for f in sorted(files):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root)}:{size}\n".encode())
+        with open(f, "rb") as fh:
+            if full or size <= 4 << 20:
+                while block := fh.read(1 << 20):
+                    h.update(block)
+            else:  # large weight files: head and tail (sizes and names are in the hash too)
+                h.update(fh.read(1 << 20))
+                fh.seek(size - (1 << 20))
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(path: str) -> str:
+    """Base model identity: config.json and the weight files (names, sizes, first and last MiB)."""
+    p = Path(path)
+    if not p.is_dir():
+        return f"hub:{path}"
+    files = [f for f in p.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)]
+    return _hash_files(files, p, full=False)
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    p = Path(path)
+    if not p.is_dir():
+        return f"hub:{path}"
+    return _hash_files([p / n for n in _TOKENIZER_FILES if (p / n).is_file()], p, full=True)
+
+
+def data_fingerprint(path: str | None) -> str | None:
+    """Dataset contents (every byte): a changed row makes a different run."""
+    if not path:
+        return None
+    p = Path(path)
+    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
+    return _hash_files(files, p if p.is_dir() else p.parent, full=True)
+
+
+def fingerprints(config: Config, *, model_path: str, train_file: str, num_processes: int) -> dict[str, Any]:
+    return {
+        "model": model_fingerprint(model_path),
+        "tokenizer": tokenizer_fingerprint(model_path),
+        "train_data": data_fingerprint(train_file),
+        "eval_data": data_fingerprint(config.eval_file),
+        # What one step sees: examples per micro-step across all processes, and the window.
+        "global_micro_batch": config.per_device_train_batch_size * num_processes,
+        "config": config.fingerprint(EXACTNESS_KEYS),
+    }
+
+
+def compare(config: Config, saved_config: dict[str, Any], saved_fp: dict[str, Any],
+            current_fp: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(changes that break exactness or meaning, harmless changes), each as 'what: old -> new'."""
+    breaking, harmless = [], []
+    for key in EXACTNESS_KEYS:
+        if key in saved_config and saved_config[key] != getattr(config, key):
+            breaking.append(f"{key}: {saved_config[key]!r} -> {getattr(config, key)!r}")
+    labels = {"model": "base model files", "tokenizer": "tokenizer files", "train_data": "train data contents",
+              "eval_data": "eval data contents", "global_micro_batch": "examples per micro-step across processes "
+              "(per_device_train_batch_size x processes)"}
+    for key, label in labels.items():
+        if key in saved_fp and saved_fp[key] != current_fp.get(key):
+            if key == "global_micro_batch":
+                breaking.append(f"{label}: {saved_fp[key]} -> {current_fp[key]}")
+            else:
+                breaking.append(f"{label} changed")
+    for key in HARMLESS_KEYS:
+        if key in saved_config and saved_config[key] != getattr(config, key, None):
+            harmless.append(f"{key}: {saved_config[key]!r} -> {getattr(config, key)!r}")
+    return breaking, harmless
+
+
+def refuse(run_dir: Path, breaking: list[str]) -> ConfigError:
+    lines = "; ".join(breaking)
+    return ConfigError(
+        f"cannot resume {run_dir}: {lines}. Resuming with these changes would not continue the run that was "
+        "started (the result would be neither exact nor meaningful). Restore them, use another output_dir for "
+        "a new run, or set force_resume: true to continue anyway")
+
+
+def prepare_run_dir(config: Config, manager: ckpt.CheckpointManager,
+                    say: Callable[[str], None]) -> ckpt.CheckpointInfo | None:
+    """Main process only: clean leftovers, choose the checkpoint to resume from (or none)."""
+    run_dir = manager.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for note in manager.cleanup():
+        say(note)
+    if not manager.checkpoint_dirs():
+        return None
+    if config.resume == "never":
+        steps = [s for s, _ in manager.checkpoint_dirs()]
+        raise ConfigError(
+            f"output_dir {run_dir} already holds a run (checkpoints at steps {steps}) and resume is 'never'; "
+            "choose another output_dir for a fresh run, or set resume: auto to continue this one "
+            "(fullscale never deletes a run to start over)")
+    info = manager.newest_verified(say=say)
+    if info is None:
+        say(f"{run_dir}: no valid checkpoint left; starting from step 0")
+    return info
+
+
+def truncate_metrics(run_dir: Path, step: int) -> int:
+    """Drop metrics.jsonl records written after `step` (they are about to be redone).
+
+    Returns the last step the dropped records had reached (the work redone ends there)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return step
+    kept, reached = [], step
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        rec_step = rec.get("step", 0)
+        reached = max(reached, rec_step)
+        if rec_step > step or rec.get("event") == "train_end":
+            continue
+        kept.append(line)
+    tmp = path.with_name("metrics.jsonl.tmp")
+    with open(tmp, "w") as fh:
+        fh.write("".join(x + "\n" for x in kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return reached

@@ -1,0 +1,186 @@
+"""Crash safety and exact resume with real processes killed by real signals.
+
+Kills come from FULLSCALE_FAULT (see fullscale/faults.py): the process SIGKILLs itself at a
+named point (inside an accumulation window, during evaluation, at each point of the checkpoint
+commit protocol, during rotation). After each kill the same command runs again, as a user or a
+scheduler would; the final adapter must be bitwise equal to an uninterrupted run's.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import read_metrics, step_losses
+
+ROOT = Path(__file__).parents[2]
+EXIT_PREEMPTED = 75
+
+SETTINGS = dict(max_steps=14, per_device_train_batch_size=4, gradient_accumulation_steps=2, eval_steps=3,
+                save_steps=2, save_total_limit=2, logging_steps=1, learning_rate=3e-3, lora_dropout=0.1,
+                early_stopping_patience=2, early_stopping_min_delta=0.02, report_to="tensorboard", eval_split=0.1)
+
+
+def write_config(tmp_path, name, model_dir, data, **over):
+    values = dict(SETTINGS, model_name_or_path=str(model_dir), train_file=str(data),
+                  output_dir=str(tmp_path / name), **over)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def run_cli(*args, fault=None, timeout=300, wait=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env.pop("FULLSCALE_FAULT", None)
+    if fault:
+        env["FULLSCALE_FAULT"] = fault
+    cmd = [sys.executable, "-m", "fullscale", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def final_adapter(run_dir):
+    result = json.loads((Path(run_dir) / "training_result.json").read_text())
+    return load_file(str(Path(run_dir) / f"checkpoint-{result['total_steps']}" / "adapter_model.safetensors")), result
+
+
+def assert_same_run(a, b):
+    wa, ra = final_adapter(a)
+    wb, rb = final_adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+    for key in ("total_steps", "stop_reason", "best_step", "best_eval_loss", "eval_loss", "train_loss"):
+        assert ra[key] == rb[key], key
+    assert step_losses(a) == step_losses(b)
+    evals_a = [(r["step"], r["eval_loss"]) for r in read_metrics(a) if r["event"] == "eval"]
+    evals_b = [(r["step"], r["eval_loss"]) for r in read_metrics(b) if r["event"] == "eval"]
+    assert evals_a == evals_b
+    # No duplicated steps in the records of the interrupted run.
+    train_steps = [r["step"] for r in read_metrics(b) if r["event"] == "train"]
+    assert train_steps == sorted(set(train_steps))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir, reverse_data):
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = write_config(tmp, "ref", tiny_model_dir, reverse_data)
+    proc = run_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "ref"
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_nine_points_ends_bitwise_equal_to_an_uninterrupted_run(tmp_path, reference,
+                                                                                  tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "killed", tiny_model_dir, reverse_data)
+    faults = ["micro@2", "step@3", "eval@3", "save_file@4", "before_manifest@4", "before_rename@6",
+              "rotation@8", "micro@9", "eval@9"]
+    for fault in faults:
+        proc = run_cli("train", cfg, fault=fault)
+        assert proc.returncode == -signal.SIGKILL, f"{fault}: {proc.returncode} {proc.stderr[-2000:]}"
+        assert "Traceback" not in proc.stderr
+        # Whatever the kill left, no directory without a valid manifest is ever taken as a checkpoint.
+    proc = run_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from checkpoint-" in proc.stdout
+    assert_same_run(reference, tmp_path / "killed")
+    resumes = [r for r in read_metrics(tmp_path / "killed") if r["event"] == "resume"]
+    assert resumes and all("steps_redone" in r for r in resumes)
+    assert not any(p.name.startswith((".staging-", ".trash-")) for p in (tmp_path / "killed").iterdir())
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
+        tmp_path, reference, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "corrupt", tiny_model_dir, reverse_data)
+    assert run_cli("train", cfg, fault="step@7").returncode == -signal.SIGKILL
+    run = tmp_path / "corrupt"
+    newest = run / "checkpoint-6"
+    data = (newest / "adapter_model.safetensors").read_bytes()
+    (newest / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    proc = run_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint-6 is not usable" in proc.stdout and "set aside" in proc.stdout
+    assert "resuming from checkpoint-4" in proc.stdout
+    assert any(p.name.startswith("checkpoint-6.invalid-") for p in run.iterdir())
+    assert_same_run(reference, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["training", "evaluation"])
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_75(tmp_path, reference, tiny_model_dir, reverse_data, when):
+    # Slow the chosen phase down so the signal lands inside it.
+    cfg = write_config(tmp_path, "term", tiny_model_dir, reverse_data)
+    env_fault = None
+    proc = run_cli("train", cfg, wait=False)
+    run = tmp_path / "term"
+    deadline = time.time() + 120
+    marker = '"event": "train"' if when == "training" else '"event": "eval", "step": 3'
+    while time.time() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and marker in metrics.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert "SIGTERM received" in err
+    from fullscale.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(run).latest(verify=True)
+    assert latest is not None and latest.valid
+    assert json.loads((latest.path / "trainer_state.json").read_text())["stop_reason"] == "preempted"
+    proc = run_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(reference, run)
+
+
+def test_a_disk_that_fills_during_a_save_stops_clearly_and_keeps_committed_checkpoints(
+        tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "full", tiny_model_dir, reverse_data)
+    proc = run_cli("train", cfg, fault="enospc@4")
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write checkpoint-4" in proc.stderr and "No space left" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    run = tmp_path / "full"
+    from fullscale.checkpoint import CheckpointManager
+
+    valid = CheckpointManager(run).valid(verify=True)
+    assert [i.step for i in valid] == [2]
+    assert not any(p.name.startswith(".staging-") for p in run.iterdir())
+
+
+def test_resuming_with_changed_data_or_batch_is_refused_with_the_list(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "changed", tiny_model_dir, reverse_data, max_steps=2)
+    assert run_cli("train", cfg).returncode == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text(reverse_data.read_text().replace("rev", "REV"))
+    proc = run_cli("train", cfg, f"train_file={other}", "gradient_accumulation_steps=4")
+    assert proc.returncode == 2
+    assert "train data contents changed" in proc.stderr and "gradient_accumulation_steps" in proc.stderr
+    assert "force_resume" in proc.stderr
+    # Harmless changes are accepted and recorded.
+    proc = run_cli("train", cfg, "logging_steps=5")
+    assert proc.returncode == 0, proc.stderr
+    assert "logging_steps" in proc.stdout
+
+
+def test_resume_command_continues_with_the_saved_config(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "cmd", tiny_model_dir, reverse_data, max_steps=4)
+    assert run_cli("train", cfg, fault="step@3").returncode == -signal.SIGKILL
+    proc = run_cli("resume", tmp_path / "cmd")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from checkpoint-2" in proc.stdout
+    assert json.loads((tmp_path / "cmd" / "training_result.json").read_text())["total_steps"] == 4
