@@ -184,3 +184,31 @@ def test_resume_command_continues_with_the_saved_config(tmp_path, tiny_model_dir
     assert proc.returncode == 0, proc.stderr
     assert "resuming from checkpoint-2" in proc.stdout
     assert json.loads((tmp_path / "cmd" / "training_result.json").read_text())["total_steps"] == 4
+
+
+def run_torchrun(cfg, *, fault=None):
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env.pop("FULLSCALE_FAULT", None)
+    if fault:
+        env["FULLSCALE_FAULT"] = fault
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "fullscale", "train", str(cfg)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_end_bitwise_equal(tmp_path, tiny_model_dir, reverse_data):
+    over = dict(per_device_train_batch_size=2, max_steps=8)
+    ref = write_config(tmp_path, "ref2", tiny_model_dir, reverse_data, **over)
+    proc = run_torchrun(ref)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = write_config(tmp_path, "killed2", tiny_model_dir, reverse_data, **over)
+    for fault in ["micro@3", "before_manifest@4", "eval@6"]:
+        proc = run_torchrun(cfg, fault=fault)
+        assert proc.returncode != 0, fault
+    proc = run_torchrun(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "ref2", tmp_path / "killed2")
+    assert (tmp_path / "killed2" / "checkpoint-8" / "rng_state_1.pt").exists()
