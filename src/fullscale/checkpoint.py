@@ -84,7 +84,8 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
         entries[str(f.relative_to(staging))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         faults.hit("save_file")
     faults.hit("before_manifest")
-    body = {"version": MANIFEST_VERSION, "created": time.time(), **(manifest or {}), "files": entries}
+    # No timestamps: the same content gives the same manifest (exports are repeatable).
+    body = {"version": MANIFEST_VERSION, **(manifest or {}), "files": entries}
     mpath = staging / MANIFEST
     with open(mpath, "w") as fh:
         json.dump(body, fh, indent=2)

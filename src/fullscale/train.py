@@ -186,6 +186,21 @@ class Run:
     def say(self, text: str) -> None:
         self.monitor.print(text)
 
+    def write_status(self, phase: str, **values: Any) -> None:
+        """status.json: what `fullscale status` shows, rewritten atomically at each log."""
+        if not self.is_main:
+            return
+        import socket
+
+        s = self.state
+        write_json(self.run_dir / "status.json", {
+            "phase": phase, "pid": os.getpid(), "host": socket.gethostname(), "updated": time.time(),
+            "step": s.step, "total_steps": self.total_steps, "epoch": values.pop("epoch", s.epoch),
+            "last_train_loss": s.last_train_loss, "last_eval_loss": s.last_eval_loss,
+            "best_eval_loss": self.stopper.best, "best_step": self.stopper.best_step,
+            "elapsed_seconds": self.elapsed(), "num_resumes": s.num_resumes, **values,
+        })
+
     def elapsed(self) -> float:
         """Wall time of the whole run so far, across resumes."""
         return self.state.train_seconds + (time.perf_counter() - self._time_base)
@@ -418,9 +433,13 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
         run.say(f"this run already finished ({finished} at step {run.state.step}); nothing to do")
         stop_reason = finished
     else:
+        run.write_status("starting")
         run.preemption.install()
         try:
             stop_reason = fit(run)
+        except BaseException as exc:
+            run.write_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            raise
         finally:
             run.preemption.restore()
 
@@ -517,6 +536,8 @@ def fit(run: Run) -> str:
                                   grad_norm=gn, tokens_per_second=tokens_per_s, epoch=epoch, **mem)
                 run.monitor.progress(state.step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s, eta_s=eta,
                                      memory=mem, epoch=epoch, grad_norm=gn)
+                run.write_status("running", epoch=epoch, tokens_per_second=tokens_per_s, eta_seconds=eta,
+                                 learning_rate=lr, peak_memory_gb=mem["peak_gb"])
                 log_losses, log_tokens, log_start = [], 0, time.perf_counter()
 
             # Stop? (the end of the schedule, or a preemption signal on any rank)
@@ -567,6 +588,8 @@ def finish(run: Run, stop_reason: str) -> dict[str, Any]:
         "num_resumes": state.num_resumes,
         "config": run.config.to_dict(),
     }
+    run.write_status("stopped" if stop_reason == "preempted" else "finished", stop_reason=stop_reason,
+                     peak_memory_gb=mem["peak_gb"], tokens_per_second=result["tokens_per_second"])
     if run.is_main:
         write_json(run.run_dir / "training_result.json", result)
         run.monitor.event("train_end", state.step, stop_reason=stop_reason, best_eval_loss=stopper.best,
