@@ -20,6 +20,13 @@ def resume(run_dir):
     return train(config)
 
 
+def load_trained_model(base_model_name, adapter_path, device="cpu", merge_adapter=False, **kwargs):
+    """(model, tokenizer) of a trained adapter, a merged export or a run's best model; see fullscale.export."""
+    from fullscale.export import load_trained_model as _load
+
+    return _load(base_model_name, adapter_path, device=device, merge_adapter=merge_adapter, **kwargs)
+
+
 def __getattr__(name):
     if name == "CheckpointManager":
         from fullscale.checkpoint import CheckpointManager

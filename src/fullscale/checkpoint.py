@@ -309,23 +309,12 @@ class CheckpointManager:
         return removed
 
     # -- export
-    def export_best_model(self, out_dir: str | os.PathLike) -> Path:
-        """Copy the run's best adapter + tokenizer to `out_dir` (staged, renamed into place)."""
-        src = self.run_dir / "best_model"
-        if not src.is_dir() or verify_directory(src) is not None:
-            raise CheckpointError(f"{self.run_dir} has no valid best_model/ (no evaluation improved yet?)")
-        out = Path(out_dir)
-        if out.exists():
-            raise CheckpointError(f"{out} already exists; choose another directory or remove it first")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = staging_dir(out.parent, out.name)
-        for f in _files(src):
-            dest = staging / f.relative_to(src)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dest)
-        commit_directory(staging, out, manifest=read_manifest(src).get("provenance") and
-                         {"provenance": read_manifest(src)["provenance"]})
-        return out
+    def export_best_model(self, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+        """Export the run's best adapter (+ tokenizer, chat template, generation config, model card) to
+        `out_dir`, staged and renamed into place: the same code as `fullscale export RUN_DIR --out DIR`."""
+        from fullscale.export import export
+
+        return export(self.run_dir, out_dir, checkpoint="best", force=force).path
 
 
 def load_state(path: Path) -> dict[str, Any]:

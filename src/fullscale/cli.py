@@ -91,6 +91,11 @@ def _run_training(config, *, demo: bool) -> int:
     result = train(config)
     if result["stop_reason"] == "preempted":
         return EXIT_PREEMPTED
+    if result["stop_reason"] == "health_abort":
+        print(f"fullscale: stopped by a health check at step {result['total_steps']}; the diagnostic is above and "
+              f"in {Path(result['config']['output_dir']) / 'metrics.jsonl'} (event health_abort). The last checkpoint "
+              "holds the state before the bad update", file=sys.stderr)
+        return EXIT_FAILURE
     if demo:
         _show_demo_generations(result)
     return EXIT_OK
@@ -186,9 +191,109 @@ def _size(n: int) -> str:
     return str(n)
 
 
+# ----------------------------------------------------------------------------- status / report
+
+def _status_parser(p):
+    p.add_argument("run_dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+
+
+@command("status", "where a run stands (live or finished): progress, ETA, losses, checkpoints, health")
+def cmd_status(args) -> int:
+    from fullscale.status import collect_status, format_status, to_json
+
+    status = collect_status(args.run_dir)
+    print(to_json(status) if args.json else format_status(status))
+    return EXIT_OK
+
+
+def _report_parser(p):
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+
+
+@command("report", "write a self-contained HTML report with plots: fullscale report RUN_DIR [--out FILE]")
+def cmd_report(args) -> int:
+    from fullscale.report import build_report
+
+    path = build_report(args.run_dir, out=args.out)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- export / generate
+
+def _export_parser(p):
+    p.add_argument("run_dir", help="the run directory (output_dir of fullscale train)")
+    p.add_argument("--out", required=True, help="the directory to write (staged, then renamed into place)")
+    p.add_argument("--checkpoint", default="best",
+                   help="best (best_model/, else the best checkpoint), latest, or a step number (default best)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the adapter into the base and save a plain transformers model, verified against "
+                        "the adapter model")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="dtype of the merge (auto: the dtype the run trained in)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--base", help="the base model directory, when it is no longer where the run recorded it "
+                                  "(checked by fingerprint)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="accept a base whose files differ from the one the run trained on")
+    p.add_argument("--allow-quantized-merge", action="store_true",
+                   help="merge into a quantized base anyway (lossy; merge into the full-precision base instead)")
+    p.add_argument("--device", default="auto", help="device for the merge and its verification (auto: cuda if "
+                                                    "available, else cpu)")
+
+
+@command("export", "export a run's adapter or merged model, verified: fullscale export RUN_DIR --out DIR [--merge]")
+def cmd_export(args) -> int:
+    from fullscale.export import export
+
+    result = export(args.run_dir, args.out, checkpoint=args.checkpoint, merge=args.merge, dtype=args.dtype,
+                    force=args.force, base=args.base, allow_base_mismatch=args.allow_base_mismatch,
+                    allow_quantized_merge=args.allow_quantized_merge, device=args.device, say=print)
+    s, what = result.source, result.source.describe()
+    for note in result.notes:
+        print(f"note: {note}")
+    if result.merged:
+        print(f"merged {what} into {s.base} in {result.dtype}")
+        print(f"verified: {result.verification.describe()}")
+        print(f"wrote {result.path}: loads with transformers AutoModelForCausalLM.from_pretrained (no peft needed); "
+              f"try: fullscale generate {result.path} --prompt \"...\"")
+    else:
+        print(f"exported the adapter of {what} (base {s.base})")
+        print(f"wrote {result.path}: adapter, tokenizer and chat template, generation config, README.md; "
+              f"try: fullscale generate {result.path} --prompt \"...\"")
+    return EXIT_OK
+
+
+def _generate_parser(p):
+    p.add_argument("model", help="a merged model directory, an adapter export or best_model/, or a run directory")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="the user message (through the chat template when the model has one); repeat for several")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--base", help="the base model of an adapter (default: read from the run or the export)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+
+
+@command("generate", "greedy generations from a model, an adapter or a run's best model: "
+                     "fullscale generate MODEL_OR_RUN_DIR --prompt TEXT")
+def cmd_generate(args) -> int:
+    from fullscale.generate import generate_from
+
+    replies = generate_from(args.model, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
+                            device=args.device)
+    for prompt, reply in zip(args.prompt, replies):
+        if len(args.prompt) > 1:
+            print(f"> {prompt}")
+        print(reply)
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- main
 
-PARSERS = {"train": _train_parser, "resume": _resume_parser, "checkpoints": _checkpoints_parser}
+PARSERS = {"train": _train_parser, "resume": _resume_parser, "checkpoints": _checkpoints_parser,
+           "status": _status_parser, "report": _report_parser}
+PARSERS.update({"export": _export_parser, "generate": _generate_parser})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fullscale: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _quiet_libraries() -> None:

@@ -37,6 +37,7 @@ AUTO_BOOL = ("auto", True, False)
 REPORT_TO = ("tensorboard", "none")
 INVALID_ROWS = ("skip", "error")
 RESUME = ("auto", "never")
+HEALTH_ACTIONS = ("warn", "skip", "rollback", "abort")
 
 
 def _key(default: Any, doc: str, choices: tuple | None = None) -> Any:
@@ -90,6 +91,22 @@ class Config:
     early_stopping_min_delta: float = _key(0.001, "an eval loss must beat the best by more than this to count")
     resume: str = _key("auto", "auto: continue from the newest valid checkpoint in output_dir; never: refuse to reuse a run directory", RESUME)
     force_resume: bool = _key(False, "resume even though the model, data or settings changed (the run is then no longer exact)")
+    # --- health checks (see health.py for each rule) ---
+    health_window: int = _key(50, "steps of history for the robust (median/MAD) spike and gradient rules")
+    health_nonfinite_action: str = _key("skip", "NaN/Inf loss or grad norm: skip the update, or abort", ("skip", "abort"))
+    health_max_nonfinite: int = _key(3, "non-finite steps in a row that end the run (abort) instead of skipping")
+    health_spike_action: str = _key("rollback", "loss spike: warn, skip the update, rollback to the last checkpoint with a lower lr, or abort", HEALTH_ACTIONS)
+    health_spike_threshold: float = _key(6.0, "spike when loss > recent median + this x the robust std of step-to-step changes; 0 disables")
+    health_rollback_lr_factor: float = _key(0.5, "learning-rate factor applied at each rollback")
+    health_max_rollbacks: int = _key(3, "rollbacks allowed before a spike aborts the run")
+    health_grad_action: str = _key("warn", "exploding gradient norm: warn, skip, rollback or abort", HEALTH_ACTIONS)
+    health_grad_threshold: float = _key(10.0, "exploding when the grad norm > this x its median over the window; 0 disables")
+    health_overfit_action: str = _key("warn", "eval loss rising while train loss falls: warn or abort", ("warn", "abort"))
+    health_overfit_evals: int = _key(3, "consecutive rising evaluations that count as overfitting; 0 disables")
+    health_lr_action: str = _key("warn", "learning rate collapsing to ~0 long before the end (a scheduler error): warn or abort", ("warn", "abort"))
+    health_memory_action: str = _key("warn", "memory growing through the run (a leak): warn or abort", ("warn", "abort"))
+    health_memory_growth: float = _key(0.2, "memory growth (share of the early level) that counts as a leak")
+    health_memory_window: int = _key(5, "logs averaged (median) at the start and at the end for the memory rule")
     # --- output and monitoring ---
     output_dir: str | None = _key(None, "the run directory (default runs/<config name>, runs/demo for the demo)")
     logging_steps: int = _key(10, "log train metrics every this many steps")
@@ -234,7 +251,11 @@ def build_config(values: dict[str, Any], *, where: dict[str, str] | None = None,
         else:
             problems.append(f"{key}{at}: {why}")
     config = Config(**clean)
-    config.explicit = set(explicit if explicit is not None else values)
+    # A key counts as deliberately set when it was given with a value other than its default
+    # (a saved config.yaml lists every key; its defaults are not choices).
+    defaults = Config()
+    config.explicit = {k for k in (explicit if explicit is not None else values)
+                       if k in FIELDS and getattr(config, k) != getattr(defaults, k)}
     problems += _check_combinations(config, where)
     if problems:
         raise ConfigError(problems)
@@ -333,6 +354,11 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     need(c.weight_decay >= 0, "weight_decay", f"got {c.weight_decay}; must be >= 0")
     need(c.max_grad_norm >= 0, "max_grad_norm", f"got {c.max_grad_norm}; must be >= 0 (0 disables clipping)")
     need(c.early_stopping_patience >= 0, "early_stopping_patience", f"got {c.early_stopping_patience}; must be >= 0 (0 disables)")
+    need(c.health_window >= 10, "health_window", f"got {c.health_window}; must be >= 10 steps")
+    need(c.health_max_nonfinite >= 1, "health_max_nonfinite", f"got {c.health_max_nonfinite}; must be >= 1")
+    need(0 < c.health_rollback_lr_factor <= 1, "health_rollback_lr_factor", f"got {c.health_rollback_lr_factor}; must be in (0, 1]")
+    need(c.health_max_rollbacks >= 0, "health_max_rollbacks", f"got {c.health_max_rollbacks}; must be >= 0")
+    need(c.health_memory_growth > 0, "health_memory_growth", f"got {c.health_memory_growth}; must be > 0")
     need(c.early_stopping_min_delta >= 0, "early_stopping_min_delta", f"got {c.early_stopping_min_delta}; must be >= 0")
     if c.max_steps <= 0:
         need(c.num_train_epochs > 0, "num_train_epochs", f"got {c.num_train_epochs}; must be > 0 unless max_steps > 0")

@@ -2,6 +2,8 @@
 
 `FULLSCALE_FAULT=<point>@<step>[,<point>@<step>...]` makes the process SIGKILL itself (or, for
 `enospc`, fail a write as a full disk would) when it reaches that point at that optimizer step.
+Value faults change the run instead: `nan` (the loss of that step becomes NaN) and `lr_spike`
+(the learning rate of the next update is multiplied by 100).
 Points: `micro` (inside an accumulation window), `step` (after the optimizer step, before
 logging), `eval` (inside an evaluation), `save_file` (a checkpoint file written, before the
 others), `before_manifest`, `before_rename`, `rotation` (while rotating), `enospc` (disk full
@@ -29,3 +31,19 @@ def hit(point: str, step: int | None = None) -> None:
         if point == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def active(point: str, step: int | None = None) -> bool:
+    """True once when `point` is armed for this step (for faults that change values, not kill)."""
+    key = (point, current_step if step is None else step)
+    if _POINTS and key in _POINTS:
+        _POINTS.discard(key)
+        return True
+    return False
+
+
+def arm(spec: str) -> None:
+    """Arm faults in this process (tests that train in-process)."""
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, step = item.partition("@")
+        _POINTS.add((name, int(step or 0)))

@@ -114,6 +114,19 @@ class Monitor:
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "runs"), purge_step=purge_step)
 
+    def reopen(self, *, purge_step: int) -> None:
+        """After metrics.jsonl was rewritten (a rollback): append to the new file, and purge
+        TensorBoard events after `purge_step` so curves do not overlap."""
+        if not self.enabled or self._jsonl is None:
+            return
+        self._jsonl.close()
+        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "runs"), purge_step=purge_step)
+
     # -- records
     def event(self, kind: str, step: int, **values: Any) -> None:
         """One JSON line per event (train log, eval, checkpoint, resume, health, ...)."""

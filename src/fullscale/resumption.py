@@ -136,7 +136,7 @@ def prepare_run_dir(config: Config, manager: ckpt.CheckpointManager,
     return info
 
 
-def truncate_metrics(run_dir: Path, step: int) -> int:
+def truncate_metrics(run_dir: Path, step: int, *, keep_events: tuple[str, ...] = ()) -> int:
     """Drop metrics.jsonl records written after `step` (they are about to be redone).
 
     Returns the last step the dropped records had reached (the work redone ends there)."""
@@ -151,7 +151,7 @@ def truncate_metrics(run_dir: Path, step: int) -> int:
             continue  # a line cut by a kill
         rec_step = rec.get("step", 0)
         reached = max(reached, rec_step)
-        if rec_step > step or rec.get("event") == "train_end":
+        if (rec_step > step and rec.get("event") not in keep_events) or rec.get("event") == "train_end":
             continue
         kept.append(line)
     tmp = path.with_name("metrics.jsonl.tmp")

@@ -31,6 +31,7 @@ from fullscale.config import Config, effective_early_stopping
 from fullscale.early_stop import EarlyStopping
 from fullscale.errors import ConfigError, DiskSpaceError
 from fullscale.evaluate import EvalResult, evaluate
+from fullscale.health import HealthEvent, HealthMonitor
 from fullscale.loss import IGNORE_INDEX, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
@@ -48,7 +49,8 @@ class TrainState:
     micro_in_epoch: int = 0          # micro-batches of this epoch already consumed (a window boundary)
     tokens_seen: int = 0             # real (non-padding) tokens trained on, all ranks
     train_seconds: float = 0.0       # wall time spent in this run, all processes so far
-    train_loss_sum: float = 0.0      # sum of logged per-step losses (for the run's mean train loss)
+    train_loss_sum: float = 0.0      # sum of finite per-step losses (for the run's mean train loss)
+    train_loss_count: int = 0
     last_train_loss: float | None = None
     last_eval_loss: float | None = None
     num_resumes: int = 0
@@ -168,6 +170,7 @@ class Run:
     monitor: Monitor
     manager: ckpt.CheckpointManager
     preemption: PreemptionFlag
+    health: HealthMonitor
     fingerprints: dict[str, Any]
     total_steps: int
     run_dir: Path
@@ -239,19 +242,18 @@ class Run:
                                                        "fingerprints": self.fingerprints}})
 
     # -- checkpoints
-    def save_checkpoint(self, step: int, pending: list[torch.Tensor], pending_tokens: int,
-                        stop_reason: str | None) -> None:
-        """Every rank calls this (RNG states and pending values are gathered); rank 0 writes."""
+    def save_checkpoint(self, step: int, pending: list[float], pending_tokens: int, stop_reason: str | None) -> None:
+        """Every rank calls this (RNG states and pending token counts are gathered); rank 0 writes."""
         from accelerate.utils import gather_object
 
         acc = self.accelerator
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
-        losses, tokens = self._reduce_pending(pending, pending_tokens)
-        self.state.pending_losses, self.state.pending_tokens = losses, tokens
+        self.state.pending_losses, self.state.pending_tokens = list(pending), self.reduce_tokens(pending_tokens)
         self.state.train_seconds, self._time_base = self.elapsed(), time.perf_counter()
         error: list[str | None] = [None]
         if self.is_main:
             payload = {"train_state": asdict(self.state), "early_stopping": self.stopper.state_dict(),
+                       "health": self.health.state_dict(),
                        "config": self.config.to_dict(), "fingerprints": self.fingerprints,
                        "total_steps": self.total_steps, "last_eval_loss": self.state.last_eval_loss,
                        "processes": acc.num_processes, "stop_reason": stop_reason}
@@ -281,14 +283,12 @@ class Run:
         if error[0]:
             raise DiskSpaceError(error[0])
 
-    def _reduce_pending(self, pending: list[torch.Tensor], tokens: int) -> tuple[list[float], int]:
-        acc = self.accelerator
-        losses = torch.stack(pending) if pending else torch.zeros(0, device=self.device)
-        tok = torch.tensor(float(tokens), device=self.device)
-        if acc.num_processes > 1:
-            losses = acc.reduce(losses, reduction="sum") if pending else losses
-            tok = acc.reduce(tok, reduction="sum")
-        return [float(x) for x in losses.tolist()], int(tok.item())
+    def reduce_tokens(self, tokens: int) -> int:
+        """Sum a host-side count over ranks."""
+        if self.accelerator.num_processes == 1:
+            return tokens
+        t = torch.tensor(float(tokens), device=self.device)
+        return int(self.accelerator.reduce(t, reduction="sum").item())
 
     def restore(self, path: Path, saved: dict[str, Any]) -> None:
         """Adapter, optimizer, scheduler, this rank's RNG, position, early stopping."""
@@ -306,8 +306,50 @@ class Run:
         else:
             self.say(f"{rng_file.name} not in {path.name} (the run now has more processes); dropout of this "
                      "rank continues from a fresh seed, so the run is no longer bitwise exact")
-        self.state = TrainState(**saved["train_state"])
+        # In place: fit() holds a reference to this object.
+        vars(self.state).update(vars(TrainState(**saved["train_state"])))
         self.stopper.load_state_dict(saved["early_stopping"])
+        if "health" in saved:
+            self.health = HealthMonitor(self.config, total_steps=self.total_steps,
+                                        warmup_steps=self.health.warmup_steps)
+            self.health.load_state_dict(saved["health"])
+        self.apply_lr_scale()
+
+    def apply_lr_scale(self) -> None:
+        """The scheduler's lr times the health monitor's scale (lowered by rollbacks)."""
+        if self.health.lr_scale != 1.0:
+            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr * self.health.lr_scale
+
+    def health_event(self, event: HealthEvent) -> None:
+        self.monitor.event("health", event.step, detector=event.detector, action=event.action,
+                           message=event.message, value=event.value, **event.details)
+        self.say(f"health [{event.detector} -> {event.action}] step {event.step}: {event.message}")
+
+    def rollback(self, step: int) -> int | None:
+        """Return to the newest checkpoint with a lower learning rate; the health state is kept.
+        Returns the checkpoint's step, or None when there is none to return to."""
+        info = self.manager.latest()
+        if info is None:
+            return None
+        # The checkpoint's statistics come back (the history after it is undone); the count of
+        # rollbacks, the lr scale and the one-shot warnings carry on.
+        keep = self.health.state_dict()
+        self.restore(info.path, ckpt.load_state(info.path))
+        for key in ("num_rollbacks", "lr_scale", "warned", "num_events"):
+            setattr(self.health, key, keep[key] if key != "warned" else set(keep[key]))
+        self.health.num_rollbacks += 1
+        self.health.lr_scale *= self.config.health_rollback_lr_factor
+        self.apply_lr_scale()
+        if self.is_main:
+            resuming.truncate_metrics(self.run_dir, info.step, keep_events=("health",))
+            self.monitor.reopen(purge_step=info.step + 1)
+        self.monitor.event("rollback", info.step, from_step=step, to_step=info.step,
+                           lr_scale=self.health.lr_scale, num_rollbacks=self.health.num_rollbacks)
+        self.say(f"rolled back from step {step} to {info.path.name}; learning rate now x{self.health.lr_scale:g}")
+        return info.step
+
+
 
 
 # ----------------------------------------------------------------------------- train
@@ -401,6 +443,8 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     run = Run(config=config, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, data=data, stopper=stopper, state=TrainState(), monitor=monitor,
               manager=manager, preemption=PreemptionFlag(), fingerprints=fps, total_steps=total_steps,
+              health=HealthMonitor(config, total_steps=total_steps,
+                                   warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
               run_dir=run_dir, num_workers=resolve_num_workers(config, device, world))
 
     # 5. Resume: adapter, optimizer, scheduler, RNG, data position, early stopping.
@@ -451,8 +495,8 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
 
 def fit(run: Run) -> str:
     """The training loop; returns the stop reason. Reads top to bottom:
-    batch -> forward/backward (accumulate) -> clip -> optimizer -> scheduler -> log -> eval ->
-    checkpoint -> stop."""
+    batch -> forward/backward (accumulate) -> health check -> clip -> optimizer -> scheduler ->
+    log -> eval -> checkpoint -> stop."""
     config, acc, state, model = run.config, run.accelerator, run.state, run.model
     device, world, rank = run.device, acc.num_processes, acc.process_index
     accum = config.gradient_accumulation_steps
@@ -461,12 +505,11 @@ def fit(run: Run) -> str:
     has_eval = bool(run.data.eval)
     stop_reason: str | None = None
 
-    # Values since the last log stay on the device (no host sync per step); restored ones first.
-    log_losses = [torch.tensor(x if rank == 0 else 0.0, device=device) for x in state.pending_losses]
-    log_tokens = state.pending_tokens if rank == 0 else 0
+    log_losses: list[float] = list(state.pending_losses)     # per-step losses since the last log
+    log_tokens = state.pending_tokens if rank == 0 else 0     # real tokens since the last log (this rank)
+    eval_losses: list[float] = []                             # train losses since the last evaluation
     log_start = time.perf_counter()
     steps_this_process, start = 0, time.perf_counter()
-    grad_norm = None
 
     if state.step == 0 and has_eval:
         run.evaluate(0)  # the base model's starting point
@@ -479,7 +522,8 @@ def fit(run: Run) -> str:
         it = iter(build_loader(run.data.train, mine[state.micro_in_epoch:], pad_token_id=run.tokenizer.pad_token_id,
                                num_workers=run.num_workers, pin_memory=device.type == "cuda"))
         while stop_reason is None and state.micro_in_epoch < len(batches) and state.step < run.total_steps:
-            faults.current_step = state.step + 1
+            step = state.step + 1
+            faults.current_step = step
             # One accumulation window: fetch its micro-batches first, to normalise the loss by
             # the label tokens of the whole window across all ranks (independent of the split).
             n_micro = min(accum, len(batches) - state.micro_in_epoch)
@@ -497,6 +541,8 @@ def fit(run: Run) -> str:
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                    use_cache=False).logits                       # (B, T, V)
                     loss_sum, _ = token_loss_sum(logits, batch["labels"])
+                    if faults.active("nan"):
+                        loss_sum = loss_sum * float("nan")
                     # DDP averages gradients over ranks; x world makes it the window's token mean.
                     acc.backward(loss_sum / n_tokens * world)
                 step_loss += loss_sum.detach() / n_tokens
@@ -509,39 +555,86 @@ def fit(run: Run) -> str:
                 grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-            run.optimizer.step()
+            # Health check before the update: the one host sync per step (all ranks see the same
+            # global loss and norm, so they take the same decision).
+            if world > 1:
+                step_loss = acc.reduce(step_loss, reduction="sum")
+            loss, norm = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+            events = run.health.check_step(step=step, loss=loss, grad_norm=norm)
+            action = _most_severe(events)
+            for event in events:
+                run.health_event(event)
+            if action == "rollback":
+                run.optimizer.zero_grad(set_to_none=True)
+                if run.rollback(step) is not None:
+                    log_losses, log_tokens, eval_losses = list(state.pending_losses), 0, []
+                    if rank == 0:
+                        log_tokens = state.pending_tokens
+                    break  # the data position changed: rebuild this epoch's batches
+                action = "skip"
+                run.say(f"no checkpoint to roll back to at step {step}; the update is skipped instead")
+            if action == "abort":
+                run.optimizer.zero_grad(set_to_none=True)
+                rows = sorted(run.data.train[i]["row"] for b in batches[state.micro_in_epoch:state.micro_in_epoch + n_micro]
+                              for i in b)
+                run.say(f"health abort at step {step}: {events[-1].message}. Batch rows: {rows}. "
+                        f"Recent losses: {[round(x, 4) for x in list(run.health.losses)[-8:]]}; recent grad norms: "
+                        f"{[round(x, 4) for x in list(run.health.grad_norms)[-8:]]}")
+                run.monitor.event("health_abort", step, rows=rows, message=events[-1].message,
+                                  recent_losses=list(run.health.losses)[-8:])
+                stop_reason = "health_abort"
+                run.save_checkpoint(state.step, log_losses, log_tokens, stop_reason)
+                break
+            if action == "skip":
+                run.optimizer.zero_grad(set_to_none=True)   # this update is not applied
+            else:
+                run.optimizer.step()
             run.scheduler.step()
+            run.apply_lr_scale()
             run.optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            state.step = step
             state.micro_in_epoch += n_micro
             steps_this_process += 1
-            log_losses.append(step_loss)
+            log_losses.append(loss)
+            eval_losses.append(loss)
             faults.hit("step")
+            if faults.active("lr_spike"):
+                for group in run.optimizer.param_groups:
+                    group["lr"] *= 100.0  # the next update runs at 100x the scheduled rate
+            lr = run.optimizer.param_groups[0]["lr"]
+            for event in run.health.check_lr(step=step, lr=lr):
+                run.health_event(event)
+                if event.action == "abort":
+                    stop_reason = "health_abort"
 
-            # Log: the one host sync of the training phase, every logging_steps.
-            if state.step % config.logging_steps == 0 or state.step == run.total_steps:
-                losses, tokens = run._reduce_pending(log_losses, log_tokens)
+            # Log every logging_steps (token counts are summed over ranks here, once).
+            if step % config.logging_steps == 0 or step == run.total_steps:
+                tokens = run.reduce_tokens(log_tokens)
                 now = time.perf_counter()
                 tokens_per_s = tokens / max(now - log_start, 1e-9)
+                finite = [x for x in log_losses if math.isfinite(x)]
                 state.tokens_seen += tokens
-                state.train_loss_sum += sum(losses)
-                state.last_train_loss = losses[-1]
-                mean_loss = sum(losses) / len(losses)
-                lr = run.scheduler.get_last_lr()[0]
-                gn = float(grad_norm) if grad_norm is not None else None
+                state.train_loss_sum += sum(finite)
+                state.train_loss_count += len(finite)
+                state.last_train_loss = log_losses[-1]
+                mean_loss = sum(log_losses) / len(log_losses)   # a NaN step shows as NaN, never hidden
                 mem = memory_stats(device)
-                eta = (now - start - run.eval_seconds) / steps_this_process * (run.total_steps - state.step)
+                eta = (now - start - run.eval_seconds) / steps_this_process * (run.total_steps - step)
                 epoch = state.epoch + state.micro_in_epoch / len(batches)   # fractional epochs done
-                run.monitor.event("train", state.step, loss=mean_loss, step_losses=losses, learning_rate=lr,
-                                  grad_norm=gn, tokens_per_second=tokens_per_s, epoch=epoch, **mem)
-                run.monitor.progress(state.step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s, eta_s=eta,
-                                     memory=mem, epoch=epoch, grad_norm=gn)
+                run.monitor.event("train", step, loss=mean_loss, step_losses=log_losses, learning_rate=lr,
+                                  grad_norm=norm, tokens_per_second=tokens_per_s, epoch=epoch, **mem)
+                run.monitor.progress(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s, eta_s=eta,
+                                     memory=mem, epoch=epoch, grad_norm=norm)
                 run.write_status("running", epoch=epoch, tokens_per_second=tokens_per_s, eta_seconds=eta,
                                  learning_rate=lr, peak_memory_gb=mem["peak_gb"])
+                for event in run.health.check_memory(step=step, memory_gb=mem.get("allocated_gb", mem.get("rss_gb"))):
+                    run.health_event(event)
+                    if event.action == "abort":
+                        stop_reason = "health_abort"
                 log_losses, log_tokens, log_start = [], 0, time.perf_counter()
 
             # Stop? (the end of the schedule, or a preemption signal on any rank)
-            if state.step >= run.total_steps:
+            if step >= run.total_steps and stop_reason is None:
                 stop_reason = "max_steps" if config.max_steps > 0 else "epochs"
             if run.preemption.agreed(acc, device):
                 stop_reason = "preempted"
@@ -549,16 +642,23 @@ def fit(run: Run) -> str:
             # Evaluate at eval_steps and once at the end; save at save_steps and at the end, after
             # the evaluation, so the checkpoint holds this step's early-stopping state.
             t0 = time.perf_counter()
-            at_eval_step = bool(config.eval_steps) and state.step % config.eval_steps == 0
-            if has_eval and stop_reason != "preempted" and (at_eval_step or stop_reason is not None):
-                run.evaluate(state.step)
+            at_eval_step = bool(config.eval_steps) and step % config.eval_steps == 0
+            if has_eval and stop_reason not in ("preempted", "health_abort") and (at_eval_step or stop_reason):
+                result = run.evaluate(step)
                 model.train()
+                finite = [x for x in eval_losses if math.isfinite(x)]
+                train_mean = sum(finite) / len(finite) if finite else None
+                eval_losses = []
+                for event in run.health.check_eval(step=step, eval_loss=result.eval_loss, train_loss=train_mean):
+                    run.health_event(event)
+                    if event.action == "abort":
+                        stop_reason = "health_abort"
                 if run.stopper.should_stop and stop_reason is None:
                     stop_reason = "early_stopping"
                 if run.preemption.agreed(acc, device):  # a signal during evaluation
                     stop_reason = "preempted"
-            if state.step % config.save_steps == 0 or stop_reason is not None:
-                run.save_checkpoint(state.step, log_losses, log_tokens, stop_reason)
+            if step % config.save_steps == 0 or stop_reason is not None:
+                run.save_checkpoint(step, log_losses, log_tokens, stop_reason)
             log_start += time.perf_counter() - t0  # evaluation and saving are not training throughput
 
         if state.micro_in_epoch >= len(batches):
@@ -567,13 +667,20 @@ def fit(run: Run) -> str:
     return stop_reason or ("max_steps" if config.max_steps > 0 else "epochs")
 
 
+_SEVERITY = {"warn": 0, "skip": 1, "rollback": 2, "abort": 3}
+
+
+def _most_severe(events: list[HealthEvent]) -> str | None:
+    return max((e.action for e in events), key=_SEVERITY.__getitem__, default=None)
+
+
 def finish(run: Run, stop_reason: str) -> dict[str, Any]:
     """training_result.json and the closing lines."""
     state, stopper = run.state, run.stopper
     elapsed = run.elapsed()
     mem = memory_stats(run.device)
     result = {
-        "train_loss": state.train_loss_sum / state.step if state.step else None,
+        "train_loss": state.train_loss_sum / state.train_loss_count if state.train_loss_count else None,
         "final_train_loss": state.last_train_loss,
         "eval_loss": state.last_eval_loss,
         "best_eval_loss": stopper.best,
@@ -586,6 +693,8 @@ def finish(run: Run, stop_reason: str) -> dict[str, Any]:
         "peak_memory_gb": mem["peak_gb"],
         "tokens_per_second": state.tokens_seen / max(elapsed, 1e-9),
         "num_resumes": state.num_resumes,
+        "health_events": run.health.num_events,
+        "num_rollbacks": run.health.num_rollbacks,
         "config": run.config.to_dict(),
     }
     run.write_status("stopped" if stop_reason == "preempted" else "finished", stop_reason=stop_reason,

@@ -1,0 +1,432 @@
+"""`fullscale report RUN_DIR`: one self-contained HTML file with the run's plots and tables.
+
+The file needs nothing but a browser: each plot is a matplotlib SVG inlined as a data: URI
+(no scripts, no fonts or styles fetched from anywhere), so it can be mailed, attached to an
+issue or opened on a machine with no network. It reads the same files as `fullscale status`
+and works on a run that is still going or stopped (its curves end where the run is, the x axis
+spans the planned steps) and on a run without evaluation.
+
+Plots: train/eval loss, learning rate, grad norm, tokens/s and memory over steps, each with the
+resumes (dashed purple lines) and health events (dotted red lines, labelled detector/action)
+marked. Where a step appears twice in metrics.jsonl (a health rollback redid it), the later
+record is the one drawn. Non-finite values are gaps in the curve and red crosses at the top.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fullscale.status import check_run_dir, collect_status, format_size, read_json, read_metrics, to_json
+
+MAX_POINTS = 4000          # per curve; longer curves keep each bucket's min and max (spikes stay visible)
+MAX_EVENT_LABELS = 8       # labelled markers per plot; further events are drawn unlabelled
+MAX_TABLE_ROWS = 200       # rows of the health/resume tables
+RESUME_COLOR, HEALTH_COLOR = "#7b3fb5", "#d62728"
+
+Series = tuple[list[float], list[float]]
+
+
+# ----------------------------------------------------------------------------- series from metrics.jsonl
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _series(records: list[dict[str, Any]], event: str, key: str) -> Series:
+    """(steps, values) of `key` in `event` records, one value per step (the later record wins)."""
+    by_step: dict[int, float] = {}
+    for r in records:
+        if r.get("event") == event and _is_num(r.get(key)) and isinstance(r.get("step"), int):
+            by_step[r["step"]] = float(r[key])
+    steps = sorted(by_step)
+    return [float(s) for s in steps], [by_step[s] for s in steps]
+
+
+def _per_step_losses(records: list[dict[str, Any]]) -> Series:
+    """Every step's train loss: a train record at step s with k step_losses covers steps s-k+1..s."""
+    by_step: dict[int, float] = {}
+    for r in records:
+        losses = r.get("step_losses")
+        if r.get("event") == "train" and isinstance(losses, list) and isinstance(r.get("step"), int):
+            first = r["step"] - len(losses) + 1
+            for i, loss in enumerate(losses):
+                if _is_num(loss):
+                    by_step[first + i] = float(loss)
+    steps = sorted(by_step)
+    return [float(s) for s in steps], [by_step[s] for s in steps]
+
+
+def _thin(xs: list[float], ys: list[float], max_points: int = MAX_POINTS) -> Series:
+    """At most ~max_points points: each bucket keeps its min and max (a spike is never thinned away)."""
+    if len(xs) <= max_points:
+        return xs, ys
+    bucket = math.ceil(len(xs) / (max_points // 2))
+    out_x, out_y = [], []
+    for i in range(0, len(xs), bucket):
+        chunk = [(y, x) for x, y in zip(xs[i:i + bucket], ys[i:i + bucket]) if math.isfinite(y)]
+        if not chunk:
+            out_x.append(xs[i])
+            out_y.append(math.nan)
+            continue
+        lo, hi = min(chunk), max(chunk)
+        for y, x in sorted({lo, hi}, key=lambda p: p[1]):
+            out_x.append(x)
+            out_y.append(y)
+    return out_x, out_y
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _svg_data_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _label(ax, step: float, y: float, text: str, *, color: str, va: str) -> None:
+    """A vertical label just right of the event line at `step` (y in axes fraction)."""
+    ax.annotate(text, xy=(step, y), xycoords=ax.get_xaxis_transform(), xytext=(2, 0), textcoords="offset points",
+                rotation=90, ha="left", va=va, fontsize=7.5, color=color,
+                bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.75})
+
+
+class _Plotter:
+    """Builds each plot as a matplotlib Figure (no pyplot: no global state, no GUI backend)."""
+
+    def __init__(self, records: list[dict[str, Any]], *, xmax: float | None):
+        self.records = records
+        self.xmax = xmax
+        self.resumes = [r for r in records if r.get("event") == "resume"]
+        self.health = [r for r in records if r.get("event") == "health"]
+
+    def new(self, title: str, ylabel: str):
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        fig = Figure(figsize=(6.4, 3.3), dpi=100, layout="constrained")
+        ax = fig.add_subplot()
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        return fig, ax
+
+    def finish(self, fig, ax, *, has_data: bool, empty_text: str) -> str:
+        if not has_data:
+            ax.text(0.5, 0.5, empty_text, transform=ax.transAxes, ha="center", va="center", color="#666")
+        if self.xmax:
+            ax.set_xlim(0, self.xmax)
+        handles = ax.get_legend_handles_labels()[0] + self._mark_events(ax)
+        if handles:
+            ax.legend(handles=handles, fontsize=8, loc="best")
+        return _svg_data_uri(fig)
+
+    def _mark_events(self, ax) -> list:
+        """Draw the resume and health markers; returns their legend entries."""
+        from matplotlib.lines import Line2D
+
+        top = ax.get_xaxis_transform()   # x in data, y in axes fraction
+        for i, r in enumerate(self.resumes):
+            step = r.get("from_step", r.get("step"))
+            ax.axvline(step, color=RESUME_COLOR, linestyle="--", linewidth=1.2)
+            if i < MAX_EVENT_LABELS:
+                _label(ax, step, 0.98, f"resume @{step}", color=RESUME_COLOR, va="top")
+        for i, r in enumerate(self.health):
+            step = r.get("step")
+            if not _is_num(step):
+                continue
+            ax.axvline(step, color=HEALTH_COLOR, linestyle=":", linewidth=1.2)
+            ax.plot([step], [1.0], marker="v", color=HEALTH_COLOR, transform=top, clip_on=False, markersize=6)
+            if i < MAX_EVENT_LABELS:
+                _label(ax, step, 0.02, f"{r.get('detector')}/{r.get('action')}", color=HEALTH_COLOR, va="bottom")
+        entries = []
+        if self.resumes:
+            entries.append(Line2D([], [], color=RESUME_COLOR, linestyle="--", label="resume"))
+        if self.health:
+            entries.append(Line2D([], [], color=HEALTH_COLOR, linestyle=":", marker="v", label="health event"))
+        return entries
+
+    def curve(self, ax, xs: list[float], ys: list[float], **style) -> bool:
+        """Draw one curve (thinned); non-finite values are gaps plus red crosses at the top."""
+        if not xs:
+            return False
+        bad = [x for x, y in zip(xs, ys) if not math.isfinite(y)]
+        tx, ty = _thin(xs, [y if math.isfinite(y) else math.nan for y in ys])
+        ax.plot(tx, ty, **style)
+        if len([y for y in ys if math.isfinite(y)]) == 1:  # a lone point draws no line
+            ax.plot(tx, ty, linestyle="none", marker="o", color=ax.lines[-1].get_color())
+        if bad:
+            ax.plot(bad, [0.97] * len(bad), linestyle="none", marker="x", color=HEALTH_COLOR,
+                    transform=ax.get_xaxis_transform(), clip_on=False, label=f"non-finite ({len(bad)})")
+        return True
+
+    # -- the plots
+    def loss(self) -> str:
+        fig, ax = self.new("Loss", "loss")
+        xs, ys = _per_step_losses(self.records)
+        lx, ly = _series(self.records, "train", "loss")
+        if len(lx) == len(xs):  # a log every step: the logged means are the step losses
+            drawn = self.curve(ax, xs, ys, color="#1f77b4", linewidth=1.4, label="train")
+        else:
+            drawn = self.curve(ax, xs, ys, color="#1f77b4", alpha=0.35, linewidth=0.8, label="train (each step)")
+            drawn |= self.curve(ax, lx, ly, color="#1f77b4", linewidth=1.6, label="train (logged mean)")
+        ex, ey = _series(self.records, "eval", "eval_loss")
+        if self.curve(ax, ex, ey, color="#ff7f0e", linewidth=1.6, marker="o", markersize=3.5, label="eval"):
+            drawn = True
+            best = next((r for r in reversed(self.records) if r.get("event") == "eval"), None)
+            if best and _is_num(best.get("best_eval_loss")) and math.isfinite(best["best_eval_loss"]):
+                label = f"best eval {best['best_eval_loss']:.4f} @ {best['best_step']}"
+                ax.plot([best["best_step"]], [best["best_eval_loss"]], marker="*", markersize=13, color="#2ca02c",
+                        linestyle="none", clip_on=False, label=label)
+        return self.finish(fig, ax, has_data=drawn, empty_text="no train or eval loss logged yet")
+
+    def single(self, key: str, title: str, ylabel: str, color: str, *, log_when_wide: bool = False) -> str:
+        fig, ax = self.new(title, ylabel)
+        xs, ys = _series(self.records, "train", key)
+        drawn = self.curve(ax, xs, ys, color=color, linewidth=1.4)
+        positive = [y for y in ys if math.isfinite(y) and y > 0]
+        if log_when_wide and positive and len(positive) == len(ys) and max(positive) / min(positive) > 100:
+            ax.set_yscale("log")
+        return self.finish(fig, ax, has_data=drawn, empty_text=f"no {ylabel} logged yet")
+
+    def memory(self) -> str:
+        fig, ax = self.new("Memory", "GB")
+        cuda = any("allocated_gb" in r for r in self.records if r.get("event") == "train")
+        keys = (("allocated_gb", "allocated"), ("reserved_gb", "reserved"), ("peak_gb", "peak")) if cuda else \
+               (("rss_gb", "resident (RSS)"), ("peak_gb", "peak"))
+        drawn = False
+        for key, label in keys:
+            xs, ys = _series(self.records, "train", key)
+            drawn |= self.curve(ax, xs, ys, linewidth=1.4, label=label)
+        peaks = [y for line in ax.lines for y in line.get_ydata() if math.isfinite(y)]
+        ax.set_ylim(0, 1.15 * max(peaks) if peaks and max(peaks) > 0 else 1)  # 0-based, curves off the frame
+        return self.finish(fig, ax, has_data=drawn, empty_text="no memory logged yet")
+
+
+def build_plots(records: list[dict[str, Any]], *, xmax: float | None) -> list[tuple[str, str, str]]:
+    """(id, caption, data URI) of every plot."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": "fullscale", "svg.fonttype": "path", "font.size": 9}):
+        p = _Plotter(records, xmax=xmax)
+        return [
+            ("loss", "Train loss (each step and logged mean) and eval loss; the star is the best evaluation.",
+             p.loss()),
+            ("learning_rate", "Learning rate after each logged step.",
+             p.single("learning_rate", "Learning rate", "learning rate", "#9467bd")),
+            ("grad_norm", "Gradient norm before clipping (log scale when it spans more than 100x).",
+             p.single("grad_norm", "Gradient norm", "grad norm", "#8c564b", log_when_wide=True)),
+            ("tokens_per_second", "Training throughput between logs (evaluation and saving excluded).",
+             p.single("tokens_per_second", "Throughput", "tokens/s", "#17becf")),
+            ("memory", "Memory of the main process.", p.memory()),
+        ]
+
+
+# ----------------------------------------------------------------------------- HTML
+
+CSS = """
+body { font-family: -apple-system, "Segoe UI", Roboto, "DejaVu Sans", Arial, sans-serif; margin: 24px auto;
+       max-width: 1320px; padding: 0 16px; color: #222; }
+h1 { font-size: 22px; margin-bottom: 4px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+.state { font-size: 15px; padding: 6px 10px; border-radius: 4px; display: inline-block; background: #eef; }
+.state.running, .state.starting { background: #e6f4ea; } .state.failed, .state.not-running { background: #fdecea; }
+.state.stalled { background: #fff4e5; }
+.muted { color: #666; font-size: 12px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(190px, 1fr)); gap: 10px; margin: 14px 0; }
+.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 10px; }
+.card .k { color: #666; font-size: 12px; } .card .v { font-size: 17px; font-weight: 600; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 14px; }
+figure.plot { margin: 0; border: 1px solid #ddd; border-radius: 6px; padding: 6px; }
+figure.plot img { width: 100%; height: auto; display: block; }
+figcaption { font-size: 12px; color: #555; padding: 4px 2px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+th { background: #f5f5f5; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.bad { color: #b00020; font-weight: 600; }
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _fmt(x: Any, fmt: str = ".4f") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return format(x, fmt)
+    if isinstance(x, (list, dict)):
+        import json
+
+        return json.dumps(x)
+    return str(x)
+
+
+def _table(headers: list[str], rows: list[list[Any]], *, numeric: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{cell}</td>" for i, cell in enumerate(row))
+        + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cards(s: dict[str, Any]) -> str:
+    from fullscale.monitor import format_duration
+
+    step = f"{_fmt(s['step'])} / {s['total_steps'] if s['total_steps'] is not None else '?'}"
+    if s["progress"] is not None:
+        step += f" ({100 * s['progress']:.0f}%)"
+    best = "-" if s["best_eval_loss"] is None else f"{_fmt(s['best_eval_loss'])} @ {s['best_step']}"
+    items = [
+        ("step", step),
+        ("epoch", _fmt(s["epoch"], ".2f")),
+        ("last train loss", _fmt(s["last_train_loss"])),
+        ("last eval loss", _fmt(s["last_eval_loss"])),
+        ("best eval loss", best),
+        ("tokens/s", "-" if s["tokens_per_second"] is None else f"{s['tokens_per_second']:,.0f}"),
+        ("elapsed", "-" if s["elapsed_seconds"] is None else format_duration(s["elapsed_seconds"])),
+        ("ETA", "-" if s["eta_seconds"] is None else format_duration(s["eta_seconds"])),
+        ("peak memory", "-" if s["peak_memory_gb"] is None else f"{_fmt(s['peak_memory_gb'], '.2f')} GB"),
+        ("resumes", str(s["num_resumes"] or 0)),
+        ("health events", str(s["health"]["count"])),
+        ("stop reason", s["stop_reason"] or "-"),
+    ]
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="k">{_esc(k)}</div><div class="v">{_esc(v)}</div></div>' for k, v in items
+    ) + "</div>"
+
+
+def _checkpoint_table(run_dir: Path, s: dict[str, Any]) -> str:
+    from fullscale.checkpoint import CheckpointManager
+
+    try:
+        infos = CheckpointManager(run_dir).list()
+    except FileNotFoundError:  # rotated away while listed: the summary already has the numbers
+        infos = []
+    c = s["checkpoints"]
+    rows = []
+    for info in infos:
+        notes = [n for n, on in (("best", info.step == c["best"]), ("latest", info.step == c["latest"])) if on]
+        if info.reason:
+            notes.append(f'<span class="bad">{_esc(info.reason)}</span>')
+        valid = {True: "yes", False: '<span class="bad">NO</span>', None: "yes (unverified)"}[info.valid]
+        rows.append([f"checkpoint-{info.step}", _esc(_fmt(info.eval_loss)), _esc(format_size(info.size)), valid,
+                     ", ".join(notes)])
+    if (run_dir / "best_model").is_dir():
+        rows.append(["best_model/", _esc(_fmt(s["best_eval_loss"])), _esc(format_size(c["best_model_bytes"])),
+                     "", _esc(f"the best adapter (step {s['best_step']})")])
+    if not rows:
+        return "<p>No checkpoints yet.</p>"
+    return (_table(["checkpoint", "eval loss", "size", "valid", "notes"], rows, numeric={1, 2})
+            + f'<p class="muted">{_esc(format_size(c["run_dir_bytes"]))} in the run directory.</p>')
+
+
+def _events_tables(s: dict[str, Any], records: list[dict[str, Any]]) -> str:
+    out = []
+    health = [r for r in records if r.get("event") == "health"]
+    if health:
+        rows = [[_esc(r.get("step")), _esc(r.get("detector")), _esc(r.get("action")), _esc(_fmt(r.get("value"), ".4g")),
+                 _esc(r.get("message", ""))] for r in health[-MAX_TABLE_ROWS:]]
+        more = f" (the last {MAX_TABLE_ROWS} of {len(health)})" if len(health) > MAX_TABLE_ROWS else ""
+        out.append(f"<h3>Health events{more}</h3>"
+                   + _table(["step", "detector", "action", "value", "message"], rows, numeric={0, 3}))
+    else:
+        out.append("<p>No health events.</p>")
+    if s["resumes"]:
+        rows = [[_esc(r["from_step"]), _esc(r["checkpoint"]), _esc(r["reason"]), _esc(r["steps_redone"]),
+                 _esc(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])) if _is_num(r["time"]) else "-")]
+                for r in s["resumes"][-MAX_TABLE_ROWS:]]
+        out.append("<h3>Resumes</h3>" + _table(["from step", "checkpoint", "reason", "steps redone", "at"], rows,
+                                               numeric={0, 3}))
+    return "".join(out)
+
+
+def _key_value_table(data: dict[str, Any], fmt: str = ".6g") -> str:
+    rows = [[f"<code>{_esc(k)}</code>", _esc(_fmt(v, fmt))] for k, v in data.items()]
+    return _table(["key", "value"], rows)
+
+
+def _config(run_dir: Path) -> dict[str, Any] | None:
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def render_html(run_dir: Path, *, status: dict[str, Any], records: list[dict[str, Any]],
+                plots: list[tuple[str, str, str]]) -> str:
+    name = run_dir.resolve().name
+    result = read_json(run_dir / "training_result.json")
+    config = _config(run_dir)
+    state_class = status["state"].replace(" ", "-")
+    generated = time.strftime("%Y-%m-%d %H:%M:%S")
+    figures = "".join(
+        f'<figure class="plot" id="plot-{pid}"><img alt="{_esc(caption)}" src="{uri}">'
+        f"<figcaption>{_esc(caption)}</figcaption></figure>" for pid, caption, uri in plots)
+    if result:
+        result_html = _key_value_table({k: v for k, v in result.items() if k != "config"})
+    else:
+        result_html = "<p>No training_result.json yet: the run has not finished.</p>"
+    config_html = _key_value_table(config) if config else "<p>No config.yaml.</p>"
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>fullscale report: {_esc(name)}</title>
+<style>{CSS}</style></head>
+<body>
+<h1>fullscale run <code>{_esc(name)}</code></h1>
+<div class="muted">{_esc(run_dir.resolve())} &middot; report generated {_esc(generated)}</div>
+<p><span class="state {_esc(state_class)}" id="run-state">{_esc(status['detail'])}</span></p>
+{_cards(status)}
+<h2>Curves</h2>
+<p class="muted">Dashed purple lines: resumes (from the step of the checkpoint loaded). Dotted red lines with a
+&#9660; at the top: health events, labelled detector/action. Red crosses at the top: non-finite values.</p>
+<div class="plots">{figures}</div>
+<h2>Result</h2>
+{result_html}
+<h2>Checkpoints</h2>
+{_checkpoint_table(run_dir, status)}
+<h2>Events</h2>
+{_events_tables(status, records)}
+<h2>Config</h2>
+{config_html}
+<h2>Status (as <code>fullscale status --json</code>)</h2>
+<details><summary>show</summary><pre>{_esc(to_json(status))}</pre></details>
+</body></html>
+"""
+
+
+def build_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Path:
+    """Write the HTML report of `run_dir` (default RUN_DIR/report.html) atomically; returns its path."""
+    run = check_run_dir(run_dir)
+    status = collect_status(run)
+    records = read_metrics(run)
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    last = max(steps, default=0)
+    planned = status["total_steps"] if isinstance(status["total_steps"], int) else 0
+    # Until a run has finished, its curves end where it is, on an axis that spans the planned steps.
+    xmax = last if status["state"] == "finished" else max(last, planned)
+    plots = build_plots(records, xmax=xmax or None)
+    text = render_html(run, status=status, records=records, plots=plots)
+    path = Path(out) if out else run / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
