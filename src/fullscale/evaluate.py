@@ -35,7 +35,8 @@ def evaluate(model, batches, *, accelerator) -> EvalResult:
     num_tokens = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        logits = model(**inputs, use_cache=False).logits
         total, count = token_loss_sum(logits, batch["labels"])
         loss_sum += total.double()
         num_tokens += count

@@ -128,14 +128,30 @@ def build_scheduler(optimizer, config: Config, total_steps: int):
                          num_training_steps=total_steps)
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the model takes. A packed batch has position_ids and no attention_mask: with
+    sdpa, transformers then builds a block-diagonal mask, so packed examples do not see each other."""
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def num_real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-padding tokens of a collated batch (host-side count, no device sync)."""
+    mask = batch.get("real_mask", batch.get("attention_mask"))
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
 def build_loader(examples: list[dict], index_batches: list[list[int]], *, pad_token_id: int, num_workers: int,
-                 pin_memory: bool):
+                 pin_memory: bool, packed: bool = False):
     """This rank's micro-batches, in the given order. A private generator keeps the DataLoader
     from drawing its seed from the global torch RNG (which would shift dropout after a resume)."""
     from torch.utils.data import DataLoader
 
-    from fullscale.data import collate
+    from fullscale import data as data_module
 
+    collate = data_module.collate_packed if packed else data_module.collate
     return DataLoader(examples, batch_sampler=index_batches, num_workers=num_workers,
                       collate_fn=lambda ex: collate(ex, pad_token_id=pad_token_id), pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(0))
@@ -409,6 +425,11 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
                         seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows)
     for line in data.messages:
         console.print(line)
+    if config.packing:
+        from fullscale.data import pack_examples
+
+        data.train, packing = pack_examples(data.train, max_seq_length=config.max_seq_length, seed=config.seed)
+        console.print(packing.describe())
     model = build_model(config, choices)
     trainable, total = count_parameters(model)
     console.print(f"model {model_path}: {choices.describe()}; LoRA r={config.lora_rank} alpha={config.lora_alpha} "
@@ -520,7 +541,7 @@ def fit(run: Run) -> str:
                                                global_batch_size=global_batch, num_processes=world)
         mine = [sampler.rank_slice(b, rank=rank, num_processes=world) for b in batches]
         it = iter(build_loader(run.data.train, mine[state.micro_in_epoch:], pad_token_id=run.tokenizer.pad_token_id,
-                               num_workers=run.num_workers, pin_memory=device.type == "cuda"))
+                               num_workers=run.num_workers, pin_memory=device.type == "cuda", packed=config.packing))
         while stop_reason is None and state.micro_in_epoch < len(batches) and state.step < run.total_steps:
             step = state.step + 1
             faults.current_step = step
@@ -535,18 +556,17 @@ def fit(run: Run) -> str:
             n_tokens = n_tokens.clamp(min=1.0)
             step_loss = torch.zeros((), device=device)
             for i, batch in enumerate(window):
+                log_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last = i == n_micro - 1
                 with contextlib.nullcontext() if last else acc.no_sync(model):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False).logits                       # (B, T, V)
+                    logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
                     loss_sum, _ = token_loss_sum(logits, batch["labels"])
                     if faults.active("nan"):
                         loss_sum = loss_sum * float("nan")
                     # DDP averages gradients over ranks; x world makes it the window's token mean.
                     acc.backward(loss_sum / n_tokens * world)
                 step_loss += loss_sum.detach() / n_tokens
-                log_tokens += int(batch["attention_mask"].sum())  # host-side count: no sync
                 del logits
                 if not last:
                     faults.hit("micro")
