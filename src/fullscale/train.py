@@ -192,6 +192,7 @@ class Run:
     run_dir: Path
     num_workers: int
     eval_seconds: float = 0.0
+    fit_seconds: float = 0.0
     _time_base: float = field(default_factory=time.perf_counter)
 
     @property
@@ -617,6 +618,10 @@ def fit(run: Run) -> str:
             steps_this_process += 1
             log_losses.append(loss)
             eval_losses.append(loss)
+            if steps_this_process == 1:
+                mem = memory_stats(device)
+                run.monitor.event("memory", step, phase="after_first_step", **mem)
+                run.say(f"memory after the first step: {format_memory(mem)}")
             faults.hit("step")
             if faults.active("lr_spike"):
                 for group in run.optimizer.param_groups:
@@ -684,6 +689,7 @@ def fit(run: Run) -> str:
         if state.micro_in_epoch >= len(batches):
             state.epoch += 1
             state.micro_in_epoch = 0
+    run.fit_seconds = time.perf_counter() - start
     return stop_reason or ("max_steps" if config.max_steps > 0 else "epochs")
 
 
@@ -709,7 +715,7 @@ def finish(run: Run, stop_reason: str) -> dict[str, Any]:
         "planned_steps": run.total_steps,
         "stop_reason": stop_reason,
         "elapsed_hours": elapsed / 3600,
-        "eval_seconds_this_process": run.eval_seconds,
+        "eval_share": run.eval_seconds / run.fit_seconds if run.fit_seconds else None,
         "peak_memory_gb": mem["peak_gb"],
         "tokens_per_second": state.tokens_seen / max(elapsed, 1e-9),
         "num_resumes": state.num_resumes,
@@ -730,6 +736,14 @@ def finish(run: Run, stop_reason: str) -> dict[str, Any]:
             run.say(f"done: {stop_reason} at step {state.step}/{run.total_steps} in {format_duration(elapsed)}; "
                     f"best eval loss {_fmt(stopper.best)} at step {stopper.best_step}; peak memory "
                     f"{mem['peak_gb']:.2f} GB")
+        share = result["eval_share"]
+        if share is not None and run.data.eval:
+            run.say(f"evaluation took {100 * share:.0f}% of the training wall time ({run.eval_seconds:.1f}s)")
+            if share > run.config.eval_time_budget:
+                run.say(f"warning: evaluation used more than eval_time_budget={run.config.eval_time_budget:g} of the "
+                        "time; evaluate less often (raise eval_steps), use a smaller eval set (eval_split, or a "
+                        "smaller eval_file), or raise per_device_eval_batch_size if memory allows")
+                run.monitor.event("eval_budget", state.step, eval_share=share, budget=run.config.eval_time_budget)
         names = ", ".join(p.name for _, p in run.manager.checkpoint_dirs())
         run.say(f"run directory {run.run_dir}: config.yaml, metrics.jsonl, runs/ (TensorBoard), {names}, "
                 f"{'best_model/, ' if (run.run_dir / 'best_model').exists() else ''}training_result.json")
