@@ -113,3 +113,20 @@ def test_two_processes_under_torchrun_match_one_process_at_the_same_effective_ba
     assert start["processes"] == 2
     # Only rank 0 writes: one metrics line per step, one set of files.
     assert len([r for r in read_metrics(tmp_path / "two") if r["event"] == "train"]) == 5
+
+
+def test_checkpoints_prune_sets_invalid_ones_aside_and_applies_the_limit(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_yaml(tmp_path / "my.yaml", model_name_or_path=str(tiny_model_dir), train_file=str(reverse_data),
+                     output_dir=str(tmp_path / "run"), **dict(BASE, max_steps=6, eval_steps=0, save_steps=1,
+                                                              save_total_limit=10))
+    assert run_cli("train", cfg).returncode == 0
+    run = tmp_path / "run"
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("save_total_limit: 10",
+                                                                             "save_total_limit: 2"))
+    (run / "checkpoint-6" / "optimizer.pt").write_bytes(b"broken")
+    proc = run_cli("checkpoints", run, "--verify", "--prune")
+    assert proc.returncode == 0, proc.stderr
+    assert "set aside checkpoint-6" in proc.stdout
+    steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if "." not in p.name)
+    assert steps == [4, 5]
+    assert any(p.name.startswith("checkpoint-6.invalid-") for p in run.iterdir())
