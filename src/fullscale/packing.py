@@ -1,0 +1,149 @@
+"""Padding-free packing: several tokenized examples per row, without cross-example attention.
+
+`pack_examples` puts examples into rows of at most max_seq_length tokens by best-fit decreasing
+bin packing (each example, longest first, goes into the fullest row that still has room), which
+wastes almost nothing on varied lengths. `collate_packed` pads a batch of packed rows to its
+longest row.
+
+Why the examples do not see each other: each example's position ids restart at 0, and a packed
+batch carries no attention mask. With no attention mask and no cache (`use_cache=False`),
+transformers (sdpa and eager attention) reads the sequence boundaries from the position ids
+and builds a block-diagonal causal mask. This is checked with logits in
+tests/unit/test_packing.py (an example's logits inside a packed row equal its logits alone).
+flash_attention_2 reads the boundaries from the position ids only when the batch holds one
+row: use `collate_packed(..., flatten=True)` for it.
+
+Why the loss is unchanged: the first token of each example gets label -100, so the last token
+of one example is never asked to predict the first token of the next one (labels are shifted
+by one in the loss). In an unpacked example that label is never used either.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100  # the label value the loss ignores (as in fullscale.data and fullscale.loss)
+
+
+@dataclass
+class PackingStats:
+    """What packing did; `efficiency` = real tokens / (rows x max_seq_length)."""
+
+    num_examples: int
+    num_rows: int
+    num_tokens: int
+    max_seq_length: int
+
+    @property
+    def efficiency(self) -> float:
+        return self.num_tokens / max(1, self.num_rows * self.max_seq_length)
+
+    @property
+    def examples_per_row(self) -> float:
+        return self.num_examples / max(1, self.num_rows)
+
+    def describe(self) -> str:
+        return (f"packing: {self.num_examples:,} examples -> {self.num_rows:,} rows of <={self.max_seq_length:,} "
+                f"tokens ({self.examples_per_row:.1f} examples per row), efficiency {100 * self.efficiency:.1f}%")
+
+
+def pack_examples(examples: list[dict], *, max_seq_length: int, seed: int) -> tuple[list[dict], PackingStats]:
+    """Pack tokenized examples ({"input_ids", "labels", "row"}) into rows of <= max_seq_length tokens.
+
+    Best-fit decreasing: examples are taken longest first (equal lengths in an order drawn from
+    `seed`) and each goes into the row with the least room left that still fits it, or opens a
+    new row. The result depends only on the examples, max_seq_length and seed.
+
+    Each packed row is {"input_ids", "labels", "position_ids", "rows", "lengths"}: the examples'
+    tokens one after another; their labels with the first label of each example set to -100;
+    position ids restarting at 0 for each example; the source row numbers and lengths, in order.
+    Raises ValueError for an example longer than max_seq_length (prepare_data truncates them).
+    """
+    for ex in examples:
+        if len(ex["input_ids"]) > max_seq_length:
+            raise ValueError(f"example of row {ex.get('row')} has {len(ex['input_ids'])} tokens, more than "
+                             f"max_seq_length={max_seq_length}: truncate before packing")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: -len(examples[i]["input_ids"]))  # stable: ties keep the seeded order
+
+    bins: list[list[int]] = []                # example indices per row
+    room: dict[int, list[int]] = {}           # space left -> rows with that much space (a stack)
+    sizes: list[int] = []                     # the distinct non-zero space-left values, sorted
+    for i in order:
+        n = len(examples[i]["input_ids"])
+        k = bisect.bisect_left(sizes, n)      # the smallest space left that fits (best fit)
+        if k < len(sizes):
+            space = sizes[k]
+            b = room[space].pop()
+            if not room[space]:
+                del room[space]
+                sizes.pop(k)
+        else:
+            space, b = max_seq_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        left = space - n
+        if left > 0:
+            if left not in room:
+                room[left] = []
+                bisect.insort(sizes, left)
+            room[left].append(b)
+
+    packed = [_pack_row([examples[i] for i in members]) for members in bins]
+    stats = PackingStats(num_examples=len(examples), num_rows=len(packed),
+                         num_tokens=sum(len(ex["input_ids"]) for ex in examples), max_seq_length=max_seq_length)
+    return packed, stats
+
+
+def _pack_row(members: list[dict]) -> dict:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    for ex in members:
+        n = len(ex["input_ids"])
+        input_ids += ex["input_ids"]
+        labels += [IGNORE_INDEX] + list(ex["labels"][1:])  # the boundary token predicts nothing
+        position_ids += range(n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "rows": [ex.get("row") for ex in members], "lengths": [len(ex["input_ids"]) for ex in members]}
+
+
+def collate_packed(rows: list[dict], *, pad_token_id: int, flatten: bool = False) -> dict[str, torch.Tensor]:
+    """A batch of packed rows as int64 tensors: input_ids, position_ids, labels, real_mask.
+
+    Rows are padded on the right to the longest one. The padding is a block of its own: its
+    position ids restart at 0 (so no real token attends to it, nor it to them), its labels are
+    -100 and its real_mask is 0. `real_mask` is for counting tokens, never a model input; there
+    is no attention_mask, which is what makes transformers build the block-diagonal mask.
+
+    flatten=True puts the whole batch into one row (1, total tokens) with no padding at all:
+    the layout flash_attention_2 needs to see the example boundaries (it reads them from the
+    position ids only when the batch has one row). The loss is the same, since every row
+    starts with an example whose first label is -100.
+    """
+    if flatten:
+        ids = torch.tensor([t for r in rows for t in r["input_ids"]], dtype=torch.long)[None]
+        return {"input_ids": ids,
+                "position_ids": torch.tensor([p for r in rows for p in r["position_ids"]], dtype=torch.long)[None],
+                "labels": torch.tensor([t for r in rows for t in r["labels"]], dtype=torch.long)[None],
+                "real_mask": torch.ones_like(ids)}
+    longest = max(len(r["input_ids"]) for r in rows)
+    shape = (len(rows), longest)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    real_mask = torch.zeros(shape, dtype=torch.long)
+    ramp = torch.arange(longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(r["labels"], dtype=torch.long)
+        position_ids[i, :n] = torch.tensor(r["position_ids"], dtype=torch.long)
+        position_ids[i, n:] = ramp[: longest - n]   # the pad block counts from 0 again
+        real_mask[i, :n] = 1
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "real_mask": real_mask}
