@@ -379,6 +379,13 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
 
     # 1. Processes and device.
     accelerator = build_accelerator()
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if engine in ("FSDP", "DEEPSPEED"):
+        # Sharded parameters and optimizer states need gathering for a complete checkpoint; until
+        # that path is verified on GPUs, refuse rather than write checkpoints that resume wrong.
+        raise ConfigError(f"this accelerate launch uses {engine}, which fullscale's crash-safe checkpoints do not "
+                          "support yet. LoRA's trainable state is small: run with DDP instead (torchrun, or "
+                          "accelerate launch --config_file configs/accelerate/ddp.yaml)")
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     device = accelerator.device
