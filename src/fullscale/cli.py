@@ -111,7 +111,10 @@ def _show_demo_generations(result) -> None:
     from fullscale.demo import DEMO_TRAIN
     from fullscale.generate import generate_reply
 
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     data, model, tokenizer = result["_data"], result["_model"], result["_tokenizer"]
+    model = getattr(model, "module", model)  # unwrapped from DDP
     run_dir = Path(result["config"]["output_dir"])
     best = run_dir / "best_model" / "adapter_model.safetensors"
     if not data.eval or not best.exists():
@@ -289,11 +292,75 @@ def cmd_generate(args) -> int:
     return EXIT_OK
 
 
+# ----------------------------------------------------------------------------- plan
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _plan_parser(p):
+    p.add_argument("config", nargs="?", help="YAML config file (none: the embedded demo)")
+    p.add_argument("overrides", nargs="*", help="key=value settings applied after the file")
+    p.add_argument("--probe", action="store_true",
+                   help="load the model and time a few real steps of the longest batch on this device")
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    p.add_argument("--target-batch", type=_positive_int,
+                   help="effective batch to recommend settings for (default: per_device x processes x accumulation)")
+    p.add_argument("--num-processes", type=_positive_int,
+                   help="processes (one per GPU) the run will use (default: the accelerate config's, WORLD_SIZE, "
+                        "else 1)")
+    p.add_argument("--accelerate-config", metavar="FILE",
+                   help="the accelerate launch --config_file of the run (configs/accelerate/*.yaml): its FSDP or "
+                        "DeepSpeed sharding and offload, and its process count")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                   help="device to plan for (auto: cuda when available, else cpu; cuda without a GPU needs "
+                        "memory_budget_gb)")
+
+
+@command("plan", "memory per device, time and disk before launch, and settings that fit: "
+                 "fullscale plan CONFIG.yaml [key=value ...] [--probe] [--json]")
+def cmd_plan(args) -> int:
+    import json
+
+    from fullscale.config import load_config
+    from fullscale.errors import ConfigError
+    from fullscale.plan import build_plan, format_plan, probe
+
+    path, overrides = _split_config_arg(args)
+    base = None
+    if path is None:
+        from fullscale.demo import demo_settings
+
+        base = demo_settings()
+    config = load_config(path, overrides, base=base)
+    sharding, launch_processes = None, None
+    if args.accelerate_config:
+        from fullscale.plan import Sharding
+
+        sharding, launch_processes = Sharding.from_accelerate_config(args.accelerate_config)
+    num_processes = args.num_processes or launch_processes or int(os.environ.get("WORLD_SIZE", "1"))
+    plan = build_plan(config, num_processes=num_processes, device=None if args.device == "auto" else args.device,
+                      target_batch=args.target_batch, config_source=path or "demo", sharding=sharding)
+    if args.probe:
+        if plan.fits:
+            plan.timing = probe(config, plan, device=plan.device)
+        else:
+            plan.notes.append("no probe: the current settings do not fit (probe the recommended ones)")
+    print(json.dumps(plan.to_dict(), indent=2, default=str) if args.json else format_plan(plan))
+    if not plan.fits:
+        raise ConfigError(plan.refusal())
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- main
 
 PARSERS = {"train": _train_parser, "resume": _resume_parser, "checkpoints": _checkpoints_parser,
            "status": _status_parser, "report": _report_parser}
 PARSERS.update({"export": _export_parser, "generate": _generate_parser})
+PARSERS.update({"plan": _plan_parser})
 
 
 def build_parser() -> argparse.ArgumentParser:

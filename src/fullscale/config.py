@@ -70,7 +70,7 @@ class Config:
     dataset_format: str = _key("auto", "row format; auto detects it from the columns", DATASET_FORMATS)
     max_seq_length: int = _key(1024, "longer rows are truncated to this many tokens and counted")
     invalid_rows: str = _key("skip", "empty, null or malformed rows: skip and count them, or stop with an error", INVALID_ROWS)
-    packing: bool = _key(False, "padding-free packing of several examples per row")
+    packing: bool = _key(False, "pack several examples into each row of max_seq_length tokens (best-fit); examples never attend to each other; evaluation stays unpacked")
     # --- optimisation ---
     seed: int = _key(42, "seed for data order, split, LoRA init and dropout")
     num_train_epochs: float = _key(3.0, "passes over the train data (ignored when max_steps > 0)")
@@ -108,6 +108,10 @@ class Config:
     health_memory_action: str = _key("warn", "memory growing through the run (a leak): warn or abort", ("warn", "abort"))
     health_memory_growth: float = _key(0.2, "memory growth (share of the early level) that counts as a leak")
     health_memory_window: int = _key(5, "logs averaged (median) at the start and at the end for the memory rule")
+    # --- memory planning (see plan.py and `fullscale plan`) ---
+    memory_budget_gb: float | None = _key(None, "memory one process may use, in GB (2^30 bytes); none: the GPU's total memory, or on CPU the available RAM")
+    memory_margin: float = _key(0.1, "share of that memory the plan keeps free (allocator fragmentation, estimate error)")
+    plan_check: bool = _key(True, "before loading the model, refuse settings whose estimated peak memory does not fit (with settings that do)")
     # --- output and monitoring ---
     output_dir: str | None = _key(None, "the run directory (default runs/<config name>, runs/demo for the demo)")
     logging_steps: int = _key(10, "log train metrics every this many steps")
@@ -365,9 +369,6 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     if c.max_steps <= 0:
         need(c.num_train_epochs > 0, "num_train_epochs", f"got {c.num_train_epochs}; must be > 0 unless max_steps > 0")
     need(c.max_steps == -1 or c.max_steps > 0, "max_steps", f"got {c.max_steps}; use a positive number of steps, or -1 to use num_train_epochs")
-    if c.packing:
-        p.append(f"packing{at('packing')}: padding-free packing is not available in this version of fullscale; "
-                 "remove the key or set packing: false")
     for key in ("train_file", "eval_file"):
         value = getattr(c, key)
         if value and not Path(value).exists():
@@ -389,6 +390,9 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     elif c.eval_steps == 0 and "early_stopping_patience" in c.explicit and c.early_stopping_patience > 0:
         p.append(f"early_stopping_patience{at('early_stopping_patience')}: early stopping needs periodic evaluation, "
                  "but eval_steps is 0; set eval_steps > 0 or early_stopping_patience: 0")
+    if c.memory_budget_gb is not None:
+        need(c.memory_budget_gb > 0, "memory_budget_gb", f"got {c.memory_budget_gb}; must be > 0 (GB), or remove it to use the device's memory")
+    need(0 <= c.memory_margin < 1, "memory_margin", f"got {c.memory_margin}; must be in [0, 1) (the default 0.1 keeps 10% free)")
     return p
 
 

@@ -408,6 +408,30 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     resume_path = Path(decision[0]) if decision[0] else None
     saved = ckpt.load_state(resume_path) if resume_path else None
 
+    # 2b. Memory plan from config.json (no weights): refuse a run that cannot fit before loading anything.
+    from fullscale.errors import ModelError
+    from fullscale.plan import check_plan, pin_cpu_allocator
+
+    planned: list[Any] = [None, None, False]   # config problems, model error, pin the CPU allocator
+    if is_main:
+        try:
+            plan = check_plan(config, num_processes=world, device=device)
+            planned[2] = plan.pin_allocator
+            console.print(f"memory plan: peak {plan.memory.peak / 2**30:.2f} GB of {plan.usable / 2**30:.2f} GB "
+                          f"usable per process ({plan.memory_source}); `fullscale plan` shows every row")
+        except ConfigError as exc:
+            planned[0] = exc.problems
+        except ModelError as exc:
+            planned[1] = str(exc)
+    if world > 1:
+        broadcast_object_list(planned)
+    if planned[0]:
+        raise ConfigError(planned[0])
+    if planned[1]:
+        raise ModelError(planned[1])
+    if planned[2]:
+        pin_cpu_allocator()  # glibc's heap could outgrow the RAM: freed tensors go back to the OS
+
     # 3. Seed, tokenizer, data, model, optimizer, scheduler: in dependency order.
     set_seed(config.seed)
     choices = choose(config, device)
