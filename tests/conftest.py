@@ -71,3 +71,16 @@ def read_metrics(run_dir) -> list[dict]:
 def step_losses(run_dir) -> dict[int, float]:
     """Per-step train losses from metrics.jsonl (needs logging_steps=1)."""
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["event"] == "train"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def private_tokenization_cache(tmp_path_factory):
+    """Tests never read or write the user's tokenization cache."""
+    path = tmp_path_factory.mktemp("fullscale-cache")
+    old = os.environ.get("FULLSCALE_CACHE")
+    os.environ["FULLSCALE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FULLSCALE_CACHE", None)
+    else:
+        os.environ["FULLSCALE_CACHE"] = old

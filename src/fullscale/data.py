@@ -4,7 +4,11 @@ labels, truncate, split off an eval set, and collate batches.
 Pipeline, one function per step:
 
     load_rows -> detect_format -> convert rows to text (validate, render) -> split
-              -> tokenize, mask prompt labels, truncate -> collate
+              -> tokenize, mask prompt labels, truncate -> (pack) -> collate
+
+The result of prepare_data is cached on disk between runs (see "Tokenization cache" below),
+keyed by the data files' contents, the tokenizer and every setting that changes the result.
+Large datasets are converted and tokenized in worker processes.
 
 Nothing is dropped or cut silently: every skipped row and every truncated row is counted
 with its row number (its line number for .jsonl), and the counts go to the console.
@@ -15,18 +19,24 @@ A bad row is skipped and reported (``invalid_rows: skip``) or stops the run with
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
 import random
+import sys
+import tempfile
+import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from fullscale.errors import ConfigError, DataError
+from fullscale.packing import PackingStats, collate_packed, pack_examples  # noqa: F401 (re-exported)
 
 FORMATS = ("text", "prompt_completion", "alpaca", "messages")
 INVALID_ROWS = ("skip", "error")
@@ -59,6 +69,8 @@ ALPACA_PROMPT_WITH_INPUT = (
 )
 
 _TOKENIZE_CHUNK = 2048  # texts per tokenizer call: fast batching without holding everything twice
+PARALLEL_MIN_ROWS = 50_000  # rows from which conversion and tokenization run in worker processes
+_PARALLEL_CHUNK = 4096  # rows per worker task
 _MAX_LISTED = 5  # row numbers listed per category in console messages
 
 
@@ -559,7 +571,10 @@ def _template_unstable_error(source: _Source, number: int, detail: str) -> DataE
 def _build_examples(items, numbers, *, fmt, tokenizer, max_seq_length, source: _Source, stats: DataStats):
     """Tokenize, mask, truncate; fill the token counts of `stats`. Returns the examples."""
     try:
-        encoded = _tokenize_items(fmt, items, tokenizer)
+        if len(items) >= PARALLEL_MIN_ROWS:
+            encoded = _tokenize_items_parallel(fmt, items, tokenizer)
+        else:
+            encoded = _tokenize_items(fmt, items, tokenizer)
     except _TemplateUnstable as exc:
         raise _template_unstable_error(source, numbers[exc.index], str(exc)) from None
     examples = []
@@ -638,7 +653,7 @@ def _check_arguments(*, dataset_format, eval_split, max_seq_length, invalid_rows
 
 
 def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
-                 seed: int, tokenizer, invalid_rows: str = "skip") -> PreparedData:
+                 seed: int, tokenizer, invalid_rows: str = "skip", cache: bool = True) -> PreparedData:
     """Load, convert, tokenize and mask the train (and eval) data.
 
     - Format: `dataset_format` or, under "auto", detected from the columns of all rows
@@ -652,9 +667,44 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
     - Eval: eval_file if given; else, when eval_split > 0, ceil(n * eval_split) of the train
       file's valid rows (at least 1 when n >= 2), chosen by `seed`. Rows skipped as invalid
       are counted in train_stats. Examples keep file order.
+    - Cache: the result is stored under cache_dir() and read back by a later call with the same
+      data contents, tokenizer and settings (cache=False, or FULLSCALE_CACHE=off, turns it off).
+      Errors are never cached; an unreadable entry is rebuilt.
+    - From PARALLEL_MIN_ROWS rows on, rows are converted and tokenized in worker processes.
     """
     _check_arguments(dataset_format=dataset_format, eval_split=eval_split, max_seq_length=max_seq_length,
                      invalid_rows=invalid_rows, train_file=train_file)
+    settings = dict(train_file=train_file, eval_file=eval_file, eval_split=eval_split, dataset_format=dataset_format,
+                    max_seq_length=max_seq_length, seed=seed, invalid_rows=invalid_rows)
+    directory = cache_dir() if cache else None
+    try:
+        key = cache_key(tokenizer=tokenizer, **settings) if directory is not None else None
+    except OSError:  # a missing or unreadable file: _prepare says which, as a DataError
+        key = None
+    if key is None:
+        return _prepare(tokenizer=tokenizer, **settings)
+    path = directory / f"{key}.npz"
+    note = None
+    if path.exists():
+        try:
+            data = _load_cached(path, key)
+        except Exception as exc:  # noqa: BLE001 - truncated zip, bad CRC, missing array, bad JSON: all "rebuild"
+            note = f"tokenized data: the cache entry {path} is unreadable ({type(exc).__name__}: {exc}); rebuilt"
+        else:
+            data.messages.append(f"tokenized data: read from the cache ({path})")
+            return data
+    data = _prepare(tokenizer=tokenizer, **settings)
+    try:
+        _save_cached(path, key, data)
+        data.messages.append(note or f"tokenized data: cached in {path}")
+    except OSError as exc:  # a read-only or full cache disk never stops a run
+        data.messages.append(f"tokenized data: not cached ({exc}); set FULLSCALE_CACHE to a writable directory")
+    return data
+
+
+def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
+             seed: int, tokenizer, invalid_rows: str) -> PreparedData:
+    """prepare_data without the cache."""
     messages: list[str] = []
 
     # 1. Read the train file and settle the format (eval_file must fit the same one).
@@ -675,6 +725,8 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
 
     # 2. Validate and render rows (invalid ones are skipped or raise here), then split off eval.
     def convert(rows, source: _Source):
+        if len(rows) >= PARALLEL_MIN_ROWS:
+            return _convert_rows_parallel(rows, fmt=fmt, tokenizer=tokenizer, source=source, invalid_rows=invalid_rows)
         return _convert_rows(rows, fmt=fmt, tokenizer=tokenizer, source=source, invalid_rows=invalid_rows)
 
     items, numbers, skipped = convert(train_read.rows, train_source)
@@ -749,6 +801,229 @@ def _check_tokenizer(tokenizer, fmt: str) -> None:
             "Fix: use a model whose tokenizer ships one (usually the -Instruct/-Chat variant), set "
             "tokenizer.chat_template, or convert the data to prompt_completion (columns prompt, completion)."
         )
+
+
+# --------------------------------------------------------------------------------------
+# Worker processes for large datasets
+#
+# Rendering chat templates, locating assistant spans and building label lists is Python work
+# that one core does at a few thousand rows a second; from PARALLEL_MIN_ROWS rows on it runs in
+# chunks in worker processes (results come back in file order, so the output is the same).
+
+_WORKER_TOKENIZER = None  # set in each worker process by _init_worker
+
+
+def num_data_workers(num_rows: int) -> int:
+    """Worker processes for `num_rows` rows: none below PARALLEL_MIN_ROWS, else at most this
+    process's share of the cores (a multi-process launch runs one prepare_data per process)."""
+    if num_rows < PARALLEL_MIN_ROWS:
+        return 0
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cores = max(1, (os.cpu_count() or 1) // local_processes)
+    return min(cores, math.ceil(num_rows / _PARALLEL_CHUNK))
+
+
+def _init_worker(tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+
+
+def _map_in_workers(function, tasks: list, tokenizer, num_workers: int) -> list:
+    """`function` over `tasks` in `num_workers` processes; results in task order. Fork where the
+    platform has it (the tokenizer is inherited, not pickled), spawn elsewhere."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if sys.platform == "linux" else "spawn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "fork() in a multi-threaded process": the
+        # workers only run Python and the tokenizer, never the parent's threads (torch, CUDA)
+        pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context(method),
+                                   initializer=_init_worker, initargs=(tokenizer,))
+        try:
+            return list(pool.map(function, tasks))  # the first failure in task order raises here
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after a failure, the queued chunks are dropped
+
+
+def _convert_chunk(task):
+    rows, fmt, source, invalid_rows = task
+    return _convert_rows(rows, fmt=fmt, tokenizer=_WORKER_TOKENIZER, source=source, invalid_rows=invalid_rows)
+
+
+def _convert_rows_parallel(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str):
+    """_convert_rows in worker processes; the first invalid row in file order raises (under "error")."""
+    tasks = [(rows[i:i + _PARALLEL_CHUNK], fmt, source, invalid_rows) for i in range(0, len(rows), _PARALLEL_CHUNK)]
+    items, numbers, skipped = [], [], []
+    for chunk_items, chunk_numbers, chunk_skipped in _map_in_workers(_convert_chunk, tasks, tokenizer,
+                                                                     num_data_workers(len(rows))):
+        items += chunk_items
+        numbers += chunk_numbers
+        skipped += chunk_skipped
+    return items, numbers, skipped
+
+
+def _tokenize_chunk(task):
+    fmt, items, offset = task
+    try:
+        return _tokenize_items(fmt, items, _WORKER_TOKENIZER)
+    except _TemplateUnstable as exc:  # its index does not survive pickling: send it back as a value
+        return ("unstable", str(exc), offset + exc.index)
+
+
+def _tokenize_items_parallel(fmt: str, items: list, tokenizer) -> list[tuple[list[int], list[int]]]:
+    tasks = [(fmt, items[i:i + _PARALLEL_CHUNK], i) for i in range(0, len(items), _PARALLEL_CHUNK)]
+    out: list[tuple[list[int], list[int]]] = []
+    for result in _map_in_workers(_tokenize_chunk, tasks, tokenizer, num_data_workers(len(items))):
+        if isinstance(result, tuple) and result and result[0] == "unstable":
+            raise _TemplateUnstable(result[1], result[2])
+        out += result
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Tokenization cache
+#
+# One file per (data contents, tokenizer, settings): <cache_dir>/<key>.npz holding every
+# example's tokens, labels and row number as flat int arrays plus a JSON record of the format,
+# statistics and console messages. No pickle: a cache file cannot run code. Written to a
+# temporary file and renamed into place, so a reader sees a whole entry or none; an entry that
+# cannot be read (truncated, corrupt, from another version) is rebuilt.
+
+CACHE_VERSION = 1  # bump when the cached layout or meaning changes
+
+
+def cache_dir() -> Path | None:
+    """Where tokenized data is cached: $FULLSCALE_CACHE/tokenized, else
+    $XDG_CACHE_HOME/fullscale/tokenized (~/.cache/fullscale/tokenized). None when
+    FULLSCALE_CACHE is off (or 0, false, none): caching disabled."""
+    root = os.environ.get("FULLSCALE_CACHE", "").strip()
+    if root.lower() in ("off", "0", "false", "none", "no"):
+        return None
+    if root:
+        return Path(root).expanduser() / "tokenized"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fullscale" / "tokenized"
+
+
+def _digest_path(path, h) -> None:
+    """Every byte of a data file, or of every file of a save_to_disk directory (with their names)."""
+    p = Path(path)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(f"{f.relative_to(p) if p.is_dir() else ''}:{f.stat().st_size}\n".encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the tokens: the fast tokenizer's full definition (vocabulary, merges,
+    normalizer, pre- and post-processing) or a slow one's vocabulary and files, its special
+    tokens and chat template."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        for name in getattr(tokenizer, "vocab_files_names", {}):
+            file = getattr(tokenizer, name, None)
+            if isinstance(file, str) and os.path.isfile(file):
+                _digest_path(file, h)
+    settings = {
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+        "ids": [getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad", "unk")],
+        "add_bos_token": getattr(tokenizer, "add_bos_token", None),
+        "add_eos_token": getattr(tokenizer, "add_eos_token", None),
+        "added_tokens": sorted((k, v) for k, v in tokenizer.get_added_vocab().items()),
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int, seed: int,
+              invalid_rows: str, tokenizer) -> str:
+    """The cache entry's name: a hash of everything prepare_data's result depends on. The seed
+    and eval_split count only when they choose the eval split (no eval_file)."""
+    import tokenizers
+    import transformers
+
+    splits = eval_file is None and eval_split > 0
+    h = hashlib.sha256()
+    h.update(json.dumps({
+        "version": CACHE_VERSION, "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+        "dataset_format": dataset_format, "max_seq_length": max_seq_length, "invalid_rows": invalid_rows,
+        "eval_split": eval_split if splits else None, "seed": seed if splits else None,
+        "train_name": Path(train_file).name, "eval_name": Path(eval_file).name if eval_file else None,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }, sort_keys=True).encode())
+    # The contents, not the path: a moved or copied file hits, an edited one misses. (The file
+    # names are in the key because messages and errors quote them.)
+    _digest_path(train_file, h)
+    h.update(b"\0eval\0")
+    if eval_file is not None:
+        _digest_path(eval_file, h)
+    return h.hexdigest()[:32]
+
+
+def _save_cached(path: Path, key: str, data: PreparedData) -> None:
+    import numpy as np
+
+    arrays: dict[str, Any] = {}
+    for name, examples in (("train", data.train), ("eval", data.eval or [])):
+        lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
+        arrays[f"{name}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        arrays[f"{name}_input_ids"] = np.fromiter(chain.from_iterable(ex["input_ids"] for ex in examples),
+                                                  dtype=np.int32)
+        arrays[f"{name}_labels"] = np.fromiter(chain.from_iterable(ex["labels"] for ex in examples), dtype=np.int32)
+        arrays[f"{name}_rows"] = np.fromiter((ex["row"] for ex in examples), dtype=np.int64, count=len(examples))
+    meta = {"version": CACHE_VERSION, "key": key, "format": data.format, "has_eval": data.eval is not None,
+            "train_stats": asdict(data.train_stats),
+            "eval_stats": asdict(data.eval_stats) if data.eval_stats is not None else None,
+            "messages": list(data.messages)}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic: concurrent writers (one per rank) each put a whole file in place
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(path: Path, key: str) -> PreparedData:
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+            raise ValueError("written by another version, or for other data")
+        splits = {}
+        for name in ("train", "eval"):
+            offsets = z[f"{name}_offsets"].tolist()
+            ids, labels = z[f"{name}_input_ids"].tolist(), z[f"{name}_labels"].tolist()
+            rows = z[f"{name}_rows"].tolist()
+            if len(offsets) != len(rows) + 1 or offsets[-1] != len(ids) or len(labels) != len(ids):
+                raise ValueError(f"inconsistent {name} arrays")
+            splits[name] = [{"input_ids": ids[a:b], "labels": labels[a:b], "row": r}
+                            for a, b, r in zip(offsets, offsets[1:], rows)]
+
+    def stats(d: dict | None) -> DataStats | None:
+        if d is None:
+            return None
+        return DataStats(**{**d, "skipped": [tuple(x) for x in d["skipped"]]})
+
+    return PreparedData(train=splits["train"], eval=splits["eval"] if meta["has_eval"] else None,
+                        format=meta["format"], train_stats=stats(meta["train_stats"]),
+                        eval_stats=stats(meta["eval_stats"]), messages=list(meta["messages"]))
+
 
 
 # --------------------------------------------------------------------------------------
