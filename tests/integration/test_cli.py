@@ -61,7 +61,7 @@ def test_a_model_directory_without_weights_is_a_clear_error(tmp_path, reverse_da
                      output_dir=str(tmp_path / "run"), **BASE)
     proc = run_cli("train", cfg)
     assert proc.returncode == 2, proc.stderr
-    assert "cannot load" in proc.stderr and "Traceback" not in proc.stderr
+    assert "cannot" in proc.stderr and "empty-model" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_a_data_file_with_no_usable_rows_is_a_clear_error(tmp_path, tiny_model_dir):
