@@ -42,6 +42,7 @@ def evaluate(model, batches, *, accelerator) -> EvalResult:
         num_tokens += count
         del logits
         faults.hit("eval")
+        faults.hit("sigterm_eval")
     if accelerator.num_processes > 1:
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
         num_tokens = accelerator.reduce(num_tokens, reduction="sum")

@@ -7,7 +7,8 @@ Value faults change the run instead: `nan` (the loss of that step becomes NaN) a
 Points: `micro` (inside an accumulation window), `step` (after the optimizer step, before
 logging), `eval` (inside an evaluation), `save_file` (a checkpoint file written, before the
 others), `before_manifest`, `before_rename`, `rotation` (while rotating), `enospc` (disk full
-during a checkpoint write). Unset in normal runs: each check is one dictionary lookup.
+during a checkpoint write), `sigterm` (a SIGTERM to this process after the optimizer step, as
+a scheduler's preemption sends), `sigterm_eval` (a SIGTERM inside an evaluation). Unset in normal runs: each check is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def hit(point: str, step: int | None = None) -> None:
     if _POINTS and (point, current_step if step is None else step) in _POINTS:
         if point == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if point.startswith("sigterm"):
+            _POINTS.discard((point, current_step if step is None else step))  # once: the run goes on to save
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         os.kill(os.getpid(), signal.SIGKILL)
 
 

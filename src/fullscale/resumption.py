@@ -136,8 +136,9 @@ def prepare_run_dir(config: Config, manager: ckpt.CheckpointManager,
     return info
 
 
-def truncate_metrics(run_dir: Path, step: int, *, keep_events: tuple[str, ...] = ()) -> int:
-    """Drop metrics.jsonl records written after `step` (they are about to be redone).
+def truncate_metrics(run_dir: Path, step: int, *, keep_events: tuple[str, ...] = (), eval_redone: bool = False) -> int:
+    """Drop metrics.jsonl records written after `step` (they are about to be redone), and the
+    evaluation at `step` itself when `eval_redone` (the checkpoint was saved before it).
 
     Returns the last step the dropped records had reached (the work redone ends there)."""
     path = run_dir / "metrics.jsonl"
@@ -151,7 +152,8 @@ def truncate_metrics(run_dir: Path, step: int, *, keep_events: tuple[str, ...] =
             continue  # a line cut by a kill
         rec_step = rec.get("step", 0)
         reached = max(reached, rec_step)
-        if (rec_step > step and rec.get("event") not in keep_events) or rec.get("event") == "train_end":
+        if ((rec_step > step and rec.get("event") not in keep_events) or rec.get("event") == "train_end"
+                or (eval_redone and rec_step == step and rec.get("event") == "eval")):
             continue
         kept.append(line)
     tmp = path.with_name("metrics.jsonl.tmp")

@@ -56,6 +56,8 @@ class TrainState:
     num_resumes: int = 0
     pending_losses: list[float] = field(default_factory=list)  # per-step losses not yet logged
     pending_tokens: int = 0
+    pending_eval_losses: list[float] = field(default_factory=list)  # train losses since the last evaluation
+    eval_pending: bool = False       # saved at an eval step before its evaluation ran (a signal came first)
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -259,13 +261,15 @@ class Run:
                                                        "fingerprints": self.fingerprints}})
 
     # -- checkpoints
-    def save_checkpoint(self, step: int, pending: list[float], pending_tokens: int, stop_reason: str | None) -> None:
+    def save_checkpoint(self, step: int, pending: list[float], pending_tokens: int, stop_reason: str | None,
+                        eval_losses: list[float] | None = None) -> None:
         """Every rank calls this (RNG states and pending token counts are gathered); rank 0 writes."""
         from accelerate.utils import gather_object
 
         acc = self.accelerator
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         self.state.pending_losses, self.state.pending_tokens = list(pending), self.reduce_tokens(pending_tokens)
+        self.state.pending_eval_losses = list(eval_losses or [])
         self.state.train_seconds, self._time_base = self.elapsed(), time.perf_counter()
         error: list[str | None] = [None]
         if self.is_main:
@@ -490,7 +494,8 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
             for stale in ("metrics.jsonl", "training_result.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         else:
-            reached = resuming.truncate_metrics(run_dir, resume_step)
+            reached = resuming.truncate_metrics(run_dir, resume_step,
+                                                eval_redone=bool(saved["train_state"].get("eval_pending")))
     monitor = Monitor(run_dir, enabled=is_main, tensorboard=config.uses_tensorboard and is_main,
                       total_steps=total_steps, stream=stream, purge_step=resume_step + 1 if resume_path else None)
     run = Run(config=config, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
@@ -560,12 +565,55 @@ def fit(run: Run) -> str:
 
     log_losses: list[float] = list(state.pending_losses)     # per-step losses since the last log
     log_tokens = state.pending_tokens if rank == 0 else 0     # real tokens since the last log (this rank)
-    eval_losses: list[float] = []                             # train losses since the last evaluation
+    eval_losses: list[float] = list(state.pending_eval_losses)  # train losses since the last evaluation
     log_start = time.perf_counter()
     steps_this_process, start = 0, time.perf_counter()
 
+    def after_step(step: int, stop_reason: str | None) -> str | None:
+        """Evaluate at eval_steps and once at the end; save at save_steps and at the end, after the
+        evaluation, so the checkpoint holds this step's early-stopping state. A signal that comes
+        before an eval step's evaluation saves at once with the evaluation marked pending: the
+        resumed run does it first, so the run's evaluations are the same as if never stopped."""
+        nonlocal eval_losses
+        at_eval_step = bool(config.eval_steps) and step % config.eval_steps == 0
+        due = has_eval and (at_eval_step or step >= run.total_steps or stop_reason not in (None, "preempted"))
+        state.eval_pending = due and stop_reason == "preempted"
+        if due and stop_reason not in ("preempted", "health_abort"):
+            result = run.evaluate(step)
+            model.train()
+            finite = [x for x in eval_losses if math.isfinite(x)]
+            train_mean = sum(finite) / len(finite) if finite else None
+            eval_losses = []
+            for event in run.health.check_eval(step=step, eval_loss=result.eval_loss, train_loss=train_mean):
+                run.health_event(event)
+                if event.action == "abort":
+                    stop_reason = "health_abort"
+            if run.stopper.should_stop and stop_reason is None:
+                stop_reason = "early_stopping"
+            if run.preemption.agreed(acc, device):  # a signal during evaluation
+                stop_reason = "preempted"
+        if step % config.save_steps == 0 or stop_reason is not None or resumed_pending:
+            run.save_checkpoint(step, log_losses, log_tokens, stop_reason, eval_losses)
+        return stop_reason
+
+    def pending_evaluation() -> str | None:
+        """The evaluation a signal cut off before it started (resume, or a rollback to such a
+        checkpoint); the checkpoint is then saved again without the mark, with any stop it decides."""
+        nonlocal resumed_pending
+        if not state.eval_pending:
+            return None
+        state.eval_pending, resumed_pending = False, True
+        end = "max_steps" if config.max_steps > 0 else "epochs"
+        try:
+            return after_step(state.step, end if state.step >= run.total_steps else None)
+        finally:
+            resumed_pending = False
+            model.train()
+
+    resumed_pending = False
     if state.step == 0 and has_eval:
         run.evaluate(0)  # the base model's starting point
+    stop_reason = pending_evaluation()
     model.train()
 
     while stop_reason is None and state.step < run.total_steps:
@@ -619,9 +667,10 @@ def fit(run: Run) -> str:
             if action == "rollback":
                 run.optimizer.zero_grad(set_to_none=True)
                 if run.rollback(step) is not None:
-                    log_losses, log_tokens, eval_losses = list(state.pending_losses), 0, []
+                    log_losses, log_tokens, eval_losses = list(state.pending_losses), 0, list(state.pending_eval_losses)
                     if rank == 0:
                         log_tokens = state.pending_tokens
+                    stop_reason = pending_evaluation()
                     break  # the data position changed: rebuild this epoch's batches
                 action = "skip"
                 run.say(f"no checkpoint to roll back to at step {step}; the update is skipped instead")
@@ -635,7 +684,7 @@ def fit(run: Run) -> str:
                 run.monitor.event("health_abort", step, rows=rows, message=events[-1].message,
                                   recent_losses=list(run.health.losses)[-8:])
                 stop_reason = "health_abort"
-                run.save_checkpoint(state.step, log_losses, log_tokens, stop_reason)
+                run.save_checkpoint(state.step, log_losses, log_tokens, stop_reason, eval_losses)
                 break
             if action == "skip":
                 run.optimizer.zero_grad(set_to_none=True)   # this update is not applied
@@ -654,6 +703,7 @@ def fit(run: Run) -> str:
                 run.monitor.event("memory", step, phase="after_first_step", **mem)
                 run.say(f"memory after the first step: {format_memory(mem)}")
             faults.hit("step")
+            faults.hit("sigterm")
             if faults.active("lr_spike"):
                 for group in run.optimizer.param_groups:
                     group["lr"] *= 100.0  # the next update runs at 100x the scheduled rate
@@ -694,27 +744,8 @@ def fit(run: Run) -> str:
                 stop_reason = "max_steps" if config.max_steps > 0 else "epochs"
             if run.preemption.agreed(acc, device):
                 stop_reason = "preempted"
-
-            # Evaluate at eval_steps and once at the end; save at save_steps and at the end, after
-            # the evaluation, so the checkpoint holds this step's early-stopping state.
             t0 = time.perf_counter()
-            at_eval_step = bool(config.eval_steps) and step % config.eval_steps == 0
-            if has_eval and stop_reason not in ("preempted", "health_abort") and (at_eval_step or stop_reason):
-                result = run.evaluate(step)
-                model.train()
-                finite = [x for x in eval_losses if math.isfinite(x)]
-                train_mean = sum(finite) / len(finite) if finite else None
-                eval_losses = []
-                for event in run.health.check_eval(step=step, eval_loss=result.eval_loss, train_loss=train_mean):
-                    run.health_event(event)
-                    if event.action == "abort":
-                        stop_reason = "health_abort"
-                if run.stopper.should_stop and stop_reason is None:
-                    stop_reason = "early_stopping"
-                if run.preemption.agreed(acc, device):  # a signal during evaluation
-                    stop_reason = "preempted"
-            if step % config.save_steps == 0 or stop_reason is not None:
-                run.save_checkpoint(step, log_losses, log_tokens, stop_reason)
+            stop_reason = after_step(step, stop_reason)
             log_start += time.perf_counter() - t0  # evaluation and saving are not training throughput
 
         if state.micro_in_epoch >= len(batches):

@@ -117,18 +117,53 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when", ["training", "evaluation"])
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_75(tmp_path, reference, tiny_model_dir, reverse_data, when):
-    # Slow the chosen phase down so the signal lands inside it.
+@pytest.mark.parametrize("fault", ["sigterm@3", "sigterm@5", "sigterm_eval@6", "sigterm@12"])
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_75(tmp_path, reference, tiny_model_dir, reverse_data, fault):
+    # A real SIGTERM, sent by the process to itself at a chosen point: after the update of an eval
+    # step (before its evaluation), of a step that neither evaluates nor saves, inside an
+    # evaluation, and at step 12, where the evaluation decides early stopping.
     cfg = write_config(tmp_path, "term", tiny_model_dir, reverse_data)
-    env_fault = None
+    proc = run_cli("train", cfg, fault=fault)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert "SIGTERM received" in proc.stderr and "Traceback" not in proc.stderr
+    from fullscale.checkpoint import CheckpointManager
+
+    run = tmp_path / "term"
+    latest = CheckpointManager(run).latest(verify=True)
+    assert latest is not None and latest.valid
+    assert latest.step == int(fault.split("@")[1])
+    state = json.loads((latest.path / "trainer_state.json").read_text())
+    assert state["stop_reason"] == "preempted"
+    assert state["train_state"]["eval_pending"] == (fault in ("sigterm@3", "sigterm@12"))
+    proc = run_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(reference, run)
+
+
+@pytest.mark.slow
+def test_a_sigterm_at_the_last_step_still_gets_the_final_evaluation(tmp_path, tiny_model_dir, reverse_data):
+    short = dict(max_steps=4, early_stopping_patience=0)
+    ref = write_config(tmp_path, "ref", tiny_model_dir, reverse_data, **short)
+    assert run_cli("train", ref).returncode == 0
+    cfg = write_config(tmp_path, "term", tiny_model_dir, reverse_data, **short)
+    assert run_cli("train", cfg, fault="sigterm@4").returncode == EXIT_PREEMPTED
+    proc = run_cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_run(tmp_path / "ref", tmp_path / "term")
+    assert [r["step"] for r in read_metrics(tmp_path / "term") if r["event"] == "eval"] == [0, 3, 4]
+    result = json.loads((tmp_path / "term" / "training_result.json").read_text())
+    assert result["stop_reason"] == "max_steps"
+
+
+@pytest.mark.slow
+def test_an_external_sigterm_during_training_is_handled_the_same(tmp_path, reference, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "term", tiny_model_dir, reverse_data)
     proc = run_cli("train", cfg, wait=False)
     run = tmp_path / "term"
     deadline = time.time() + 120
-    marker = '"event": "train"' if when == "training" else '"event": "eval", "step": 3'
     while time.time() < deadline:
         metrics = run / "metrics.jsonl"
-        if metrics.exists() and marker in metrics.read_text():
+        if metrics.exists() and '"event": "train"' in metrics.read_text():
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -136,12 +171,6 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_75(tmp_path, reference, 
     if proc.returncode == 0:
         pytest.skip("the run finished before the signal arrived")
     assert proc.returncode == EXIT_PREEMPTED, err
-    assert "SIGTERM received" in err
-    from fullscale.checkpoint import CheckpointManager
-
-    latest = CheckpointManager(run).latest(verify=True)
-    assert latest is not None and latest.valid
-    assert json.loads((latest.path / "trainer_state.json").read_text())["stop_reason"] == "preempted"
     proc = run_cli("train", cfg)
     assert proc.returncode == 0, proc.stderr
     assert_same_run(reference, run)
