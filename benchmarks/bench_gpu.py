@@ -158,6 +158,9 @@ def fresh_start(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+        left = torch.cuda.memory_allocated(device) / 1024**3
+        if left > 0.5:   # a previous contender's model still alive would skew memory and may cause OOM
+            print(f"  (note: {left:.1f} GB still allocated from earlier contenders)")
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -302,7 +305,8 @@ def run_trainer(args, examples: list[dict]) -> dict:
         weight_decay=0.01, lr_scheduler_type="cosine", max_grad_norm=1.0, logging_steps=10, save_strategy="no",
         eval_strategy="no", report_to="none", gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0, seed=0, disable_tqdm=True,
-        bf16=args.bf16, use_cpu=args.device.type == "cpu", train_sampling_strategy="sequential")
+        bf16=args.bf16, tf32=args.device.type == "cuda" or None, use_cpu=args.device.type == "cpu",
+        train_sampling_strategy="sequential")
     trainer = Trainer(model=model, args=targs, train_dataset=features,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX,
                                                            return_tensors="pt"),
@@ -339,6 +343,9 @@ def main(argv=None) -> int:
               "to check the script on the CPU)")
         return 0
     args.bf16 = args.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if args.device.type == "cuda":   # the same for every contender (fullscale's tf32: auto turns it on anyway)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.workdir = Path(tempfile.mkdtemp(prefix="fullscale-bench-gpu-"))
