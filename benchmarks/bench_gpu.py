@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
 import io
 import itertools
 import json
@@ -52,7 +51,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_throughput import label_shift_loss, word_tokenizer, write_data  # noqa: E402
+from bench_throughput import word_tokenizer, write_data  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -199,31 +198,28 @@ def random_base_model(args):
         model_module.load_base_model = original
 
 
-def run_fullscale(args, name: str, *, what_if_loss: bool = False, **over) -> dict:
+def run_fullscale(args, name: str, **over) -> dict:
     from fullscale import faults
-    train_module = importlib.import_module("fullscale.train")  # (fullscale.train is also the function)
     from fullscale.config import load_config
     from fullscale.train import train
 
     fresh_start(args.device)
     config = load_config(None, fullscale_values(args, name, **over))
     window = Window(args.warmup, args.warmup + args.steps, args.device)
-    originals = faults.hit, train_module.token_loss_sum
+    original = faults.hit
 
     def hit(point, step=None):   # called once per step, right after the optimizer step
         if point == "step":
             window.step_end(faults.current_step)
-        originals[0](point, step)
+        original(point, step)
 
     faults.hit = hit
-    if what_if_loss:
-        train_module.token_loss_sum = label_shift_loss
     console = io.StringIO()
     try:
         with random_base_model(args):
             result = train(config, stream=console)
     finally:
-        faults.hit, train_module.token_loss_sum = originals
+        faults.hit = original
     result.clear()   # drop the model it holds
     notes = [line for line in console.getvalue().splitlines() if line.startswith("packing:")]
     return {"seconds": window.seconds, "peak_gb": peak_memory_gb(args.device), "notes": notes}
@@ -235,7 +231,7 @@ def run_bare(args, examples: list[dict], *, packed: bool) -> dict:
     from fullscale import sampler
     from fullscale.config import load_config
     from fullscale.data import collate, collate_packed, pack_examples
-    from fullscale.loss import token_loss_sum
+    from fullscale.loss import LabelledHead, token_loss_sum
     from fullscale.model import build_model, choose
 
     fresh_start(args.device)
@@ -243,6 +239,7 @@ def run_bare(args, examples: list[dict], *, packed: bool) -> dict:
     with random_base_model(args):
         model = build_model(config, choose(config, args.device))
     model.to(args.device).train()
+    head = LabelledHead(model)   # fullscale's model computation: logits only at labelled positions
     if packed:
         examples, _ = pack_examples(examples, max_seq_length=args.max_seq_length, seed=0)
     collate_fn = collate_packed if packed else collate
@@ -262,7 +259,9 @@ def run_bare(args, examples: list[dict], *, packed: bool) -> dict:
             for batch in micro:
                 batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
                 inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-                loss_sum, _ = token_loss_sum(model(**inputs, use_cache=False).logits, batch["labels"])
+                with head.only_labelled(batch["labels"]):
+                    logits = model(**inputs, use_cache=False).logits
+                loss_sum, _ = token_loss_sum(logits, batch["labels"])
                 (loss_sum / n_tokens).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -329,7 +328,6 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--peak-tflops", type=float, help="the card's peak dense bf16 TFLOP/s (default: by device name)")
     p.add_argument("--only", nargs="*", help="contenders to run (default: all)")
-    p.add_argument("--what-if", action="store_true", help="also run fullscale with the label-shift loss")
     p.add_argument("--allow-cpu", action="store_true", help="run on the CPU when there is no GPU (checks the script)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -394,9 +392,6 @@ def _run(args) -> int:
         "fullscale": ("unpacked", lambda: run_fullscale(args, "fullscale")),
         "fullscale+pack": ("packed", lambda: run_fullscale(args, "fullscale+pack", packing=True)),
     }
-    if args.what_if:
-        plan["what-if: fullscale+pack, label-shift loss"] = (
-            "packed", lambda: run_fullscale(args, "fullscale+pack-wi", packing=True, what_if_loss=True))
     results = {}
     for label, (batches, run) in plan.items():
         if args.only and label not in args.only:

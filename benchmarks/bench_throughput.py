@@ -7,8 +7,9 @@ of checkpoints.
 
 Contenders:
 
-  bare           a bare PyTorch loop on fullscale's batches: forward, backward, clip, AdamW,
-                 scheduler, nothing else (the floor for loop overhead)
+  bare           a bare PyTorch loop on fullscale's batches and with fullscale's model computation
+                 (logits only at labelled positions, fullscale.loss.LabelledHead): forward,
+                 backward, clip, AdamW, scheduler, nothing else (the floor for loop overhead)
   trainer        transformers Trainer + peft, dynamic padding (DataCollatorForSeq2Seq), fed the
                  same examples in the same order (sequential sampler over fullscale's epoch order),
                  so its micro-batches are exactly fullscale's
@@ -16,8 +17,7 @@ Contenders:
   fullscale+ckpt fullscale, packing off, saving a checkpoint every 10 steps
   fullscale+pack fullscale.train.train(config), packing on
   bare+pack      the bare loop on fullscale's packed batches (the floor for fullscale+pack)
-  what-if ...    (--what-if) fullscale with its loss computed as transformers computes it
-                 (labels shifted instead of logits sliced; see label_shift_loss)
+  fullscale+group  fullscale with group_by_length (batches of similar length), packing off
 
 Settings shared by all (the textbook's): lr 2e-4, batch 8, accumulation 4, LoRA r32 alpha 32
 dropout 0.05 on q/k/v/o, warmup 5%, weight decay 0.01, cosine, clip 1.0, fp32, sdpa attention,
@@ -302,25 +302,13 @@ def fullscale_values(args, name: str, **over) -> dict:
     return values
 
 
-def label_shift_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fullscale.loss.token_loss_sum computed the way transformers' ForCausalLMLoss does it: the
-    labels are shifted (padded with -100) instead of the logits being sliced, so no (B, T-1, V)
-    copy of the logits is made (nor of their gradient). The same value (what-if contenders only)."""
-    import torch.nn.functional as F
-
-    shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]      # (B, T): position t predicts t+1
-    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (shift_labels != IGNORE_INDEX).sum()
-
-
 class FullscaleHooks:
     """Observe fullscale runs, change nothing: the loop looks these names up at call time.
     faults.hit("step") is called once per step right after the optimizer step (where the Trainer
     calls on_step_end); Monitor.event("checkpoint") carries the seconds a save took."""
 
-    def __init__(self, lockstep: Lockstep, *, what_if_loss: bool = False):
-        self.lockstep, self.what_if_loss = lockstep, what_if_loss
+    def __init__(self, lockstep: Lockstep):
+        self.lockstep = lockstep
         self.saves: dict[int, list[tuple[int, float]]] = {}   # thread id -> (step, seconds)
 
     def __enter__(self):
@@ -329,9 +317,8 @@ class FullscaleHooks:
 
         train_module = importlib.import_module("fullscale.train")  # (fullscale.train is also the function)
         self.modules = data_module, faults, monitor, train_module
-        self.originals = (faults.hit, monitor.Monitor.event, data_module.collate, data_module.collate_packed,
-                          train_module.token_loss_sum)
-        hit, event, collate, collate_packed, _ = self.originals
+        self.originals = (faults.hit, monitor.Monitor.event, data_module.collate, data_module.collate_packed)
+        hit, event, collate, collate_packed = self.originals
 
         def hit_hook(point, step=None):
             if point == "step":
@@ -346,14 +333,11 @@ class FullscaleHooks:
         faults.hit, monitor.Monitor.event = hit_hook, event_hook
         data_module.collate = lambda ex, **kw: count_batch(collate(ex, **kw))
         data_module.collate_packed = lambda ex, **kw: count_batch(collate_packed(ex, **kw))
-        if self.what_if_loss:
-            train_module.token_loss_sum = label_shift_loss
         return self
 
     def __exit__(self, *exc):
         data_module, faults, monitor, train_module = self.modules
-        (faults.hit, monitor.Monitor.event, data_module.collate, data_module.collate_packed,
-         train_module.token_loss_sum) = self.originals
+        faults.hit, monitor.Monitor.event, data_module.collate, data_module.collate_packed = self.originals
 
 
 def run_fullscale(args, hooks: FullscaleHooks, name: str, **over):
@@ -375,7 +359,7 @@ def run_bare(args, lockstep: Lockstep, examples: list[dict], *, packed: bool):
     from fullscale import sampler
     from fullscale.config import load_config
     from fullscale.data import pack_examples
-    from fullscale.loss import token_loss_sum
+    from fullscale.loss import LabelledHead, token_loss_sum
     from fullscale.model import build_model, choose
 
     collate, collate_packed = UNOBSERVED_COLLATE   # not the counting ones FullscaleHooks may have put in place
@@ -383,6 +367,7 @@ def run_bare(args, lockstep: Lockstep, examples: list[dict], *, packed: bool):
     torch.manual_seed(config.seed)
     model = build_model(config, choose(config, torch.device("cpu")))
     model.train()
+    head = LabelledHead(model)
     if packed:
         examples, _ = pack_examples(examples, max_seq_length=args.max_seq_length, seed=config.seed)
     collate_fn = collate_packed if packed else collate
@@ -401,7 +386,9 @@ def run_bare(args, lockstep: Lockstep, examples: list[dict], *, packed: bool):
             n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
             for batch in micro:
                 inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-                loss_sum, _ = token_loss_sum(model(**inputs, use_cache=False).logits, batch["labels"])
+                with head.only_labelled(batch["labels"]):
+                    logits = model(**inputs, use_cache=False).logits
+                loss_sum, _ = token_loss_sum(logits, batch["labels"])
                 (loss_sum / n_tokens).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -571,8 +558,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=4, help="optimizer steps run before the measured ones")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     p.add_argument("--save-every", type=int, default=20, help="the checkpoint interval the cost is reported for")
-    p.add_argument("--what-if", action="store_true",
-                   help="also run fullscale with the loss computed by shifting the labels, not the logits")
+    p.add_argument("--no-group", action="store_true", help="leave out fullscale+group (group_by_length)")
     p.add_argument("--quick", action="store_true", help="smoke run: 800 rows, 2 + 6 steps")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--verbose", action="store_true", help="print every measured step")
@@ -626,11 +612,11 @@ def _run(args) -> int:
     floors: dict[str, Result] = {}          # per group: the bare loop on the leader's batches
     unpacked_bare: dict[str, Result] = {}   # per group: the bare loop on the unpacked batches
 
-    def group(label, leader_name, leader_over, followers, *, what_if=False, packed=False):
+    def group(label, leader_name, leader_over, followers, *, packed=False):
         box: list = []
 
         def leader(ls):
-            box.append(FullscaleHooks(ls, what_if_loss=what_if))
+            box.append(FullscaleHooks(ls))
 
             def run():
                 with box[0]:
@@ -656,10 +642,8 @@ def _run(args) -> int:
     group_trainer(args, results, floors, unpacked_bare, examples)
     group("C", "fullscale+pack", {"packing": True}, [("bare+pack [C]", "bare", {}), ("bare [C]", "bare", {})],
           packed=True)
-    if args.what_if:
-        group("D", "what-if: fullscale, label-shift loss", {}, [("bare [D]", "bare", {})], what_if=True)
-        group("E", "what-if: fullscale+pack, label-shift loss", {"packing": True},
-              [("bare+pack [E]", "bare", {}), ("bare [E]", "bare", {})], what_if=True, packed=True)
+    if not args.no_group:
+        group("D", "fullscale+group", {"group_by_length": True}, [("bare [D]", "bare", {})])
 
     # Across groups through the bare loops on the unpacked batches (every group has one, and they
     # all run the same batches): X / Trainer = (X / bare [X's group]) / (Trainer / bare [B]),

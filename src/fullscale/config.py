@@ -71,6 +71,7 @@ class Config:
     max_seq_length: int = _key(1024, "longer rows are truncated to this many tokens and counted")
     invalid_rows: str = _key("skip", "empty, null or malformed rows: skip and count them, or stop with an error", INVALID_ROWS)
     packing: bool = _key(False, "pack several examples into each row of max_seq_length tokens (best-fit); examples never attend to each other; evaluation stays unpacked")
+    group_by_length: bool = _key(False, "batch examples of similar length together (less padding, lighter than packing): each epoch's shuffled order is cut into spans of 64 micro-batches, sorted by length inside a span, and the span's micro-batches shuffled")
     # --- optimisation ---
     seed: int = _key(42, "seed for data order, split, LoRA init and dropout")
     num_train_epochs: float = _key(3.0, "passes over the train data (ignored when max_steps > 0)")

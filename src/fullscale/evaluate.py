@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, batches, *, accelerator) -> EvalResult:
+def evaluate(model, batches, *, accelerator, head=None) -> EvalResult:
     """Mean token loss over `batches` (this rank's share), summed across ranks.
 
     Only two scalars per batch are kept, on the device; the host reads them once at the end.
@@ -36,7 +37,8 @@ def evaluate(model, batches, *, accelerator) -> EvalResult:
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        logits = model(**inputs, use_cache=False).logits
+        with head.only_labelled(batch["labels"]) if head else contextlib.nullcontext():
+            logits = model(**inputs, use_cache=False).logits
         total, count = token_loss_sum(logits, batch["labels"])
         loss_sum += total.double()
         num_tokens += count

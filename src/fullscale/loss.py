@@ -1,6 +1,15 @@
-"""The causal-LM loss as a sum over label tokens, so callers normalise by the right count."""
+"""The causal-LM loss as a sum over label tokens, so callers normalise by the right count.
+
+`LabelledHead` makes the model's output layer (the lm_head) run only at the positions whose
+next token carries a label: prompt and padding positions need no logits. With a 128k-token
+vocabulary the logits are the largest tensor of a step, and in instruction data most positions
+are prompt; this saves their lm_head matmul, their share of the fp32 loss, and the memory.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -8,24 +17,61 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) targets aligned with the logits: position t predicts labels[t + 1]; the last
+    position has none. Shifting the labels (not slicing the logits) copies no (B, T, V) tensor."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy over label tokens, and their count.
 
-    logits: (B, T, V); labels: (B, T) with -100 where no loss is taken. Position t predicts
-    labels[t + 1]. Computed in fp32 whatever the model's dtype.
+    logits: (B, T, V) at every position, or (N, V) at the N labelled positions only (what the
+    model returns under `LabelledHead.only_labelled`); labels: (B, T) with -100 where no loss is
+    taken. Computed in fp32 whatever the model's dtype.
     """
-    shift_logits = logits[:, :-1, :].float()          # (B, T-1, V)
-    shift_labels = labels[:, 1:]                       # (B, T-1)
-    total = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    count = (shift_labels != IGNORE_INDEX).sum()
-    return total, count
+    targets = next_token_targets(labels)
+    if logits.dim() == 2:
+        targets = targets[targets != IGNORE_INDEX]
+    total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum()
 
 
 def num_label_tokens(labels: torch.Tensor) -> int:
     """Label tokens that take loss in a (B, T) label tensor (after the one-token shift)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+class LabelledHead:
+    """A forward pre-hook on the model's output embeddings that keeps only the hidden states of
+    labelled positions while `only_labelled(labels)` is active; the model then returns (N, V)
+    logits. Outside that context (generation, export checks) the model is unchanged. A model
+    without get_output_embeddings(), or whose head sees an unexpected shape, keeps full logits
+    (token_loss_sum takes both)."""
+
+    def __init__(self, model: torch.nn.Module):
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        self._mask: torch.Tensor | None = None
+        self.active = head is not None
+        self._handle = head.register_forward_pre_hook(self._select) if head is not None else None
+
+    def _select(self, module, args):
+        mask = self._mask
+        if mask is None or not args or args[0].dim() != 3 or tuple(args[0].shape[:2]) != tuple(mask.shape):
+            return None
+        return (args[0][mask], *args[1:])
+
+    @contextlib.contextmanager
+    def only_labelled(self, labels: torch.Tensor) -> Iterator[None]:
+        self._mask = next_token_targets(labels) != IGNORE_INDEX
+        try:
+            yield
+        finally:
+            self._mask = None
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -32,7 +32,7 @@ from fullscale.early_stop import EarlyStopping
 from fullscale.errors import ConfigError, DiskSpaceError
 from fullscale.evaluate import EvalResult, evaluate
 from fullscale.health import HealthEvent, HealthMonitor
-from fullscale.loss import IGNORE_INDEX, token_loss_sum
+from fullscale.loss import IGNORE_INDEX, LabelledHead, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
@@ -195,6 +195,7 @@ class Run:
     num_workers: int
     eval_seconds: float = 0.0
     fit_seconds: float = 0.0
+    head: LabelledHead | None = None   # logits only at labelled positions (see fullscale.loss)
     _time_base: float = field(default_factory=time.perf_counter)
 
     @property
@@ -235,7 +236,7 @@ class Run:
                                pad_token_id=self.tokenizer.pad_token_id)
         # The unwrapped model: DDP's forward syncs buffers across ranks, and ranks may hold
         # different numbers of eval batches.
-        result = evaluate(acc.unwrap_model(self.model), batches, accelerator=acc)
+        result = evaluate(acc.unwrap_model(self.model), batches, accelerator=acc, head=self.head)
         self.eval_seconds += result.seconds
         improved = self.stopper.update(result.eval_loss, step)
         self.state.last_eval_loss = result.eval_loss
@@ -503,7 +504,8 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
               manager=manager, preemption=PreemptionFlag(), fingerprints=fps, total_steps=total_steps,
               health=HealthMonitor(config, total_steps=total_steps,
                                    warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
-              run_dir=run_dir, num_workers=resolve_num_workers(config, device, world))
+              run_dir=run_dir, num_workers=resolve_num_workers(config, device, world),
+              head=LabelledHead(accelerator.unwrap_model(model)))
 
     # 5. Resume: adapter, optimizer, scheduler, RNG, data position, early stopping.
     if resume_path is not None:
@@ -611,6 +613,12 @@ def fit(run: Run) -> str:
             model.train()
 
     resumed_pending = False
+    lengths = [len(ex["input_ids"]) for ex in run.data.train] if config.group_by_length else None
+    if lengths is not None:
+        kw = dict(num_examples=len(lengths), seed=config.seed, epoch=state.epoch, global_batch_size=global_batch,
+                  num_processes=world)
+        run.say(f"group_by_length: padding {100 * sampler.padding_share(sampler.global_micro_batches(**kw, lengths=lengths), lengths):.1f}% "
+                f"of the tokens of a batch (shuffled: {100 * sampler.padding_share(sampler.global_micro_batches(**kw), lengths):.1f}%)")
     if state.step == 0 and has_eval:
         run.evaluate(0)  # the base model's starting point
     stop_reason = pending_evaluation()
@@ -618,7 +626,7 @@ def fit(run: Run) -> str:
 
     while stop_reason is None and state.step < run.total_steps:
         batches = sampler.global_micro_batches(len(run.data.train), seed=config.seed, epoch=state.epoch,
-                                               global_batch_size=global_batch, num_processes=world)
+                                               global_batch_size=global_batch, num_processes=world, lengths=lengths)
         mine = [sampler.rank_slice(b, rank=rank, num_processes=world) for b in batches]
         it = iter(build_loader(run.data.train, mine[state.micro_in_epoch:], pad_token_id=run.tokenizer.pad_token_id,
                                num_workers=run.num_workers, pin_memory=device.type == "cuda", packed=config.packing))
@@ -640,7 +648,8 @@ def fit(run: Run) -> str:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last = i == n_micro - 1
                 with contextlib.nullcontext() if last else acc.no_sync(model):
-                    logits = model(**model_inputs(batch), use_cache=False).logits  # (B, T, V)
+                    with run.head.only_labelled(batch["labels"]) if run.head else contextlib.nullcontext():
+                        logits = model(**model_inputs(batch), use_cache=False).logits  # (N labelled, V)
                     loss_sum, _ = token_loss_sum(logits, batch["labels"])
                     if faults.active("nan"):
                         loss_sum = loss_sum * float("nan")

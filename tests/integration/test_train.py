@@ -101,3 +101,15 @@ def test_epochs_end_the_run_with_their_stop_reason(make_config):
     result = train(config)
     # 86 train rows (96 - 10%) -> 6 micro-batches of 16 (last 6 rows kept) -> 3 steps
     assert result["stop_reason"] == "epochs" and result["total_steps"] == 3
+
+
+def test_group_by_length_trains_on_batches_of_similar_length(make_config, capsys):
+    import io
+
+    stream = io.StringIO()
+    result = train(make_config(group_by_length=True, max_steps=4, eval_steps=0, early_stopping_patience=0),
+                   stream=stream)
+    assert result["total_steps"] == 4 and result["stop_reason"] == "max_steps"
+    line = next(x for x in stream.getvalue().splitlines() if x.startswith("group_by_length: padding"))
+    grouped, shuffled = (float(x.split("%")[0].split()[-1]) for x in line.split("(shuffled:"))
+    assert grouped < shuffled

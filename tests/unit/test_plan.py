@@ -124,7 +124,9 @@ def test_the_activation_formula_equals_what_autograd_saves(llama_dirs, values, a
     w = P.Workload(batch=b, seq=t, gradient_checkpointing=False, dropout=config.lora_dropout, attn=attn,
                    padded=True, mask_bytes=shape.lora_dtype_bytes)
     est = P.estimate_activations(shape, w)
-    loss_saved = b * (t - 1) * shape.vocab_size * 4 + b * (t - 1) * 8  # log-softmax output + targets
+    # The loss over full logits (the path without LabelledHead): fp32 log-softmax + int64 targets
+    # at every position (labels are shifted, the last position has none).
+    loss_saved = b * t * shape.vocab_size * 4 + b * t * 8
     if attn == "eager":
         est_saved = est.saved - b * t * t * shape.dtype_bytes   # the additive mask is held, not saved
     else:
