@@ -115,6 +115,10 @@ def _show_demo_generations(result) -> None:
         return
     data, model, tokenizer = result["_data"], result["_model"], result["_tokenizer"]
     model = getattr(model, "module", model)  # unwrapped from DDP
+    from fullscale.sharding import is_sharded
+
+    if is_sharded(model):
+        return   # generation needs the whole model on one process
     run_dir = Path(result["config"]["output_dir"])
     best = run_dir / "best_model" / "adapter_model.safetensors"
     if not data.eval or not best.exists():

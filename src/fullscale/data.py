@@ -684,10 +684,11 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
     if key is None:
         return _prepare(tokenizer=tokenizer, **settings)
     path = directory / f"{key}.npz"
+    files = {"train": str(train_file), "eval": str(eval_file) if eval_file else None}
     note = None
     if path.exists():
         try:
-            data = _load_cached(path, key)
+            data = _load_cached(path, key, files=files)
         except Exception as exc:  # noqa: BLE001 - truncated zip, bad CRC, missing array, bad JSON: all "rebuild"
             note = f"tokenized data: the cache entry {path} is unreadable ({type(exc).__name__}: {exc}); rebuilt"
         else:
@@ -695,7 +696,7 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
             return data
     data = _prepare(tokenizer=tokenizer, **settings)
     try:
-        _save_cached(path, key, data)
+        _save_cached(path, key, data, files=files)
         data.messages.append(note or f"tokenized data: cached in {path}")
     except OSError as exc:  # a read-only or full cache disk never stops a run
         data.messages.append(f"tokenized data: not cached ({exc}); set FULLSCALE_CACHE to a writable directory")
@@ -969,7 +970,7 @@ def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, 
     return h.hexdigest()[:32]
 
 
-def _save_cached(path: Path, key: str, data: PreparedData) -> None:
+def _save_cached(path: Path, key: str, data: PreparedData, *, files: dict[str, str | None]) -> None:
     import numpy as np
 
     arrays: dict[str, Any] = {}
@@ -983,7 +984,7 @@ def _save_cached(path: Path, key: str, data: PreparedData) -> None:
     meta = {"version": CACHE_VERSION, "key": key, "format": data.format, "has_eval": data.eval is not None,
             "train_stats": asdict(data.train_stats),
             "eval_stats": asdict(data.eval_stats) if data.eval_stats is not None else None,
-            "messages": list(data.messages)}
+            "messages": list(data.messages), "files": files}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
@@ -998,7 +999,9 @@ def _save_cached(path: Path, key: str, data: PreparedData) -> None:
         raise
 
 
-def _load_cached(path: Path, key: str) -> PreparedData:
+def _load_cached(path: Path, key: str, *, files: dict[str, str | None]) -> PreparedData:
+    """The cached result; its messages name this call's files (the same contents may have been
+    cached from another directory)."""
     import numpy as np
 
     with np.load(path, allow_pickle=False) as z:
@@ -1022,7 +1025,15 @@ def _load_cached(path: Path, key: str) -> PreparedData:
 
     return PreparedData(train=splits["train"], eval=splits["eval"] if meta["has_eval"] else None,
                         format=meta["format"], train_stats=stats(meta["train_stats"]),
-                        eval_stats=stats(meta["eval_stats"]), messages=list(meta["messages"]))
+                        eval_stats=stats(meta["eval_stats"]), messages=_rename(meta["messages"], meta.get("files"), files))
+
+
+def _rename(messages: list[str], old: dict[str, str | None] | None, new: dict[str, str | None]) -> list[str]:
+    out = list(messages)
+    for name, path in (old or {}).items():
+        if path and new.get(name) and path != new[name]:
+            out = [m.replace(path, str(new[name])) for m in out]
+    return out
 
 
 

@@ -453,7 +453,7 @@ class Sharding:
         def on(key: str) -> bool:
             return env.get(key, "").lower() in ("true", "1", "yes")
 
-        if on("ACCELERATE_USE_FSDP"):
+        if on("ACCELERATE_USE_FSDP") or on("FULLSCALE_USE_FSDP"):
             offload = on("FSDP_OFFLOAD_PARAMS")
             return cls("fsdp", offload_params=offload, offload_optimizer=offload)
         if on("ACCELERATE_USE_DEEPSPEED"):

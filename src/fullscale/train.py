@@ -36,6 +36,7 @@ from fullscale.loss import IGNORE_INDEX, LabelledHead, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
+from fullscale import sharding
 
 STOP_REASONS = ("max_steps", "epochs", "early_stopping", "preempted", "health_abort")
 
@@ -63,11 +64,14 @@ class TrainState:
 # ----------------------------------------------------------------------------- setup helpers
 
 def build_accelerator():
+    """The Accelerator, and the FSDP settings of the launch (fullscale shards the model itself,
+    see fullscale.sharding; accelerate then sets up plain multi-process)."""
     from accelerate import Accelerator
 
+    fsdp = sharding.take_over_from_accelerate()
     # Without a GPU, accelerate only sets up several processes (gloo) when told the run is on the CPU.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available())
+    return Accelerator(cpu=multi_process and not torch.cuda.is_available()), fsdp
 
 
 def set_seed(seed: int) -> None:
@@ -159,15 +163,23 @@ def build_loader(examples: list[dict], index_batches: list[list[int]], *, pad_to
                       generator=torch.Generator().manual_seed(0))
 
 
-def eval_batches(examples: list[dict], *, batch_size: int, rank: int, num_processes: int, pad_token_id: int):
-    """Evaluation batches for this rank: longest first (little padding), round-robin over ranks."""
-    from fullscale.data import collate
+def eval_batches(examples: list[dict], *, batch_size: int, rank: int, num_processes: int, pad_token_id: int,
+                 even: bool = False):
+    """Evaluation batches for this rank: longest first (little padding), round-robin over ranks.
+    `even`: every rank gets the same number of batches (a sharded forward is a collective); a rank
+    short of one runs the shortest example with no label, which adds nothing to the loss."""
+    from fullscale.data import IGNORE_INDEX, collate
 
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for j, chunk in enumerate(chunks):
-        if j % num_processes == rank:
-            yield collate([examples[i] for i in chunk], pad_token_id=pad_token_id)
+    mine = [chunk for j, chunk in enumerate(chunks) if j % num_processes == rank]
+    for chunk in mine:
+        yield collate([examples[i] for i in chunk], pad_token_id=pad_token_id)
+    if even and order:
+        for _ in range(math.ceil(len(chunks) / num_processes) - len(mine)):
+            batch = collate([examples[order[-1]]], pad_token_id=pad_token_id)
+            batch["labels"].fill_(IGNORE_INDEX)
+            yield batch
 
 
 # ----------------------------------------------------------------------------- the run
@@ -196,6 +208,7 @@ class Run:
     eval_seconds: float = 0.0
     fit_seconds: float = 0.0
     head: LabelledHead | None = None   # logits only at labelled positions (see fullscale.loss)
+    sharded: bool = False              # FSDP: parameters and optimizer states are sharded (fullscale.sharding)
     _time_base: float = field(default_factory=time.perf_counter)
 
     @property
@@ -233,7 +246,7 @@ class Run:
         acc = self.accelerator
         batches = eval_batches(self.data.eval, batch_size=self.config.per_device_eval_batch_size,
                                rank=acc.process_index, num_processes=acc.num_processes,
-                               pad_token_id=self.tokenizer.pad_token_id)
+                               pad_token_id=self.tokenizer.pad_token_id, even=self.sharded)
         # The unwrapped model: DDP's forward syncs buffers across ranks, and ranks may hold
         # different numbers of eval batches.
         result = evaluate(acc.unwrap_model(self.model), batches, accelerator=acc, head=self.head)
@@ -247,19 +260,32 @@ class Run:
         note = " (best)" if improved else f" (best {_fmt(s.best)} at step {s.best_step}; {s.num_bad_evals} without improvement)"
         self.say(f"eval step {step}: loss {result.eval_loss:.4f}, perplexity {result.eval_perplexity:.3g}{note} "
                  f"[{result.seconds:.1f}s]")
-        if improved and self.is_main:
+        if improved:
             self.save_best_model(step, result.eval_loss)
         return result
 
     def save_best_model(self, step: int, eval_loss: float) -> None:
-        """best_model/: adapter + tokenizer of the best eval loss, replaced atomically."""
+        """best_model/: adapter + tokenizer of the best eval loss, replaced atomically. Every rank
+        calls it (under FSDP the adapter is gathered); rank 0 writes."""
+        adapter = sharding.trainable_state(self.model) if self.sharded else None
+        if not self.is_main:
+            return
         staging = ckpt.staging_dir(self.run_dir, "best_model")
-        self.accelerator.unwrap_model(self.model).save_pretrained(staging)
+        self.save_adapter(staging, adapter)
         self.tokenizer.save_pretrained(staging)
         ckpt.commit_directory(staging, self.run_dir / "best_model",
                               manifest={"step": step, "eval_loss": eval_loss,
                                         "provenance": {"base_model": resolve_model_path(self.config),
                                                        "fingerprints": self.fingerprints}})
+
+    def save_adapter(self, directory: Path, adapter: dict[str, torch.Tensor] | None) -> None:
+        """adapter_model.safetensors + adapter_config.json, as peft writes them (from the gathered
+        full tensors under FSDP)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if adapter is None:
+            model.save_pretrained(directory)
+        else:
+            model.save_pretrained(directory, state_dict=adapter)
 
     # -- checkpoints
     def save_checkpoint(self, step: int, pending: list[float], pending_tokens: int, stop_reason: str | None,
@@ -271,6 +297,9 @@ class Run:
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         self.state.pending_losses, self.state.pending_tokens = list(pending), self.reduce_tokens(pending_tokens)
         self.state.pending_eval_losses = list(eval_losses or [])
+        # Under FSDP, gather the adapter and the optimizer states on every rank (collectives).
+        adapter = sharding.trainable_state(self.model) if self.sharded else None
+        optimizer_state = sharding.optimizer_state(self.optimizer) if self.sharded else None
         self.state.train_seconds, self._time_base = self.elapsed(), time.perf_counter()
         error: list[str | None] = [None]
         if self.is_main:
@@ -281,8 +310,8 @@ class Run:
                        "processes": acc.num_processes, "stop_reason": stop_reason}
 
             def write(d: Path) -> None:
-                acc.unwrap_model(self.model).save_pretrained(d)
-                torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+                self.save_adapter(d, adapter)
+                torch.save(optimizer_state or self.optimizer.state_dict(), d / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
                 for r, s in enumerate(rngs):
                     torch.save(s, d / f"rng_state_{r}.pt")
@@ -319,8 +348,14 @@ class Run:
 
         unwrapped = self.accelerator.unwrap_model(self.model)
         weights = safetensors.torch.load_file(str(path / "adapter_model.safetensors"))
-        peft.set_peft_model_state_dict(unwrapped, weights)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        if self.sharded:
+            names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
+            sharding.load_trainable_state(unwrapped, {n: weights[sharding.adapter_key(n)] for n in names})
+            sharding.load_optimizer_state(self.optimizer, optimizer_state)
+        else:
+            peft.set_peft_model_state_dict(unwrapped, weights)
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.exists():
@@ -383,14 +418,17 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     from fullscale.data import prepare_data
 
     # 1. Processes and device.
-    accelerator = build_accelerator()
+    accelerator, fsdp = build_accelerator()
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if engine in ("FSDP", "DEEPSPEED"):
-        # Sharded parameters and optimizer states need gathering for a complete checkpoint; until
-        # that path is verified on GPUs, refuse rather than write checkpoints that resume wrong.
-        raise ConfigError(f"this accelerate launch uses {engine}, which fullscale's crash-safe checkpoints do not "
-                          "support yet. LoRA's trainable state is small: run with DDP instead (torchrun, or "
-                          "accelerate launch --config_file configs/accelerate/ddp.yaml)")
+    if engine == "DEEPSPEED":
+        # ZeRO's partitioned states need DeepSpeed's own gathering for a complete checkpoint; until
+        # that path has run, refuse rather than write checkpoints that resume wrong.
+        raise ConfigError("this accelerate launch uses DeepSpeed, which fullscale's crash-safe checkpoints do not "
+                          "support yet. Shard with FSDP instead (accelerate launch --config_file "
+                          "configs/accelerate/fsdp.yaml), or, as LoRA's trainable state is small, run DDP "
+                          "(torchrun, or configs/accelerate/ddp.yaml)")
+    if fsdp is not None:
+        sharding.check(fsdp, device=accelerator.device)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     device = accelerator.device
@@ -473,6 +511,9 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
                   f"on {config.lora_target_modules}: {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%)")
     model.to(device)
+    if fsdp is not None:
+        sharding.shard(model, fsdp, device=device, num_processes=world)   # before the optimizer sees the parameters
+        console.print(fsdp.describe())
     optimizer = build_optimizer(model, config)
     global_batch = config.per_device_train_batch_size * world
     micro_per_epoch = sampler.micro_batches_per_epoch(len(data.train), global_batch_size=global_batch,
@@ -483,7 +524,8 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     steps_in_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
     total_steps = total_steps_for(config, steps_in_epoch)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp is None:
+        model, optimizer = accelerator.prepare(model, optimizer)
     stopper = EarlyStopping(patience=effective_early_stopping(config), min_delta=config.early_stopping_min_delta)
 
     # 4. Records: config.yaml, metrics.jsonl, TensorBoard (continuing after the resume step).
@@ -505,7 +547,7 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
               health=HealthMonitor(config, total_steps=total_steps,
                                    warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
               run_dir=run_dir, num_workers=resolve_num_workers(config, device, world),
-              head=LabelledHead(accelerator.unwrap_model(model)))
+              head=LabelledHead(accelerator.unwrap_model(model)), sharded=fsdp is not None)
 
     # 5. Resume: adapter, optimizer, scheduler, RNG, data position, early stopping.
     if resume_path is not None:
@@ -647,7 +689,7 @@ def fit(run: Run) -> str:
                 log_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last = i == n_micro - 1
-                with contextlib.nullcontext() if last else acc.no_sync(model):
+                with contextlib.nullcontext() if last else (sharding.no_sync(model) if run.sharded else acc.no_sync(model)):
                     with run.head.only_labelled(batch["labels"]) if run.head else contextlib.nullcontext():
                         logits = model(**model_inputs(batch), use_cache=False).logits  # (N labelled, V)
                     loss_sum, _ = token_loss_sum(logits, batch["labels"])
@@ -660,7 +702,9 @@ def fit(run: Run) -> str:
                 if not last:
                     faults.hit("micro")
 
-            if config.max_grad_norm > 0:
+            if run.sharded:
+                grad_norm = sharding.clip_grad_norm(params, config.max_grad_norm)
+            elif config.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))

@@ -37,8 +37,8 @@ def write_config(tmp_path, name, model_dir, data, **over):
     return path
 
 
-def run_cli(*args, fault=None, timeout=300, wait=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+def run_cli(*args, fault=None, timeout=300, wait=True, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
     env.pop("FULLSCALE_FAULT", None)
     if fault:
         env["FULLSCALE_FAULT"] = fault
@@ -215,11 +215,11 @@ def test_resume_command_continues_with_the_saved_config(tmp_path, tiny_model_dir
     assert json.loads((tmp_path / "cmd" / "training_result.json").read_text())["total_steps"] == 4
 
 
-def run_torchrun(cfg, *, fault=None):
+def run_torchrun(cfg, *, fault=None, env_extra=None):
     import shutil
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
     env.pop("FULLSCALE_FAULT", None)
     if fault:
         env["FULLSCALE_FAULT"] = fault
@@ -241,3 +241,60 @@ def test_two_processes_killed_and_resumed_end_bitwise_equal(tmp_path, tiny_model
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(tmp_path / "ref2", tmp_path / "killed2")
     assert (tmp_path / "killed2" / "checkpoint-8" / "rng_state_1.pt").exists()
+
+
+# What `accelerate launch --config_file configs/accelerate/fsdp.yaml` puts in the environment.
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_TRANSFORMER_CLS_TO_WRAP": "LlamaDecoderLayer",
+            "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_OFFLOAD_PARAMS": "false"}
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_and_resumed_ends_bitwise_equal_and_matches_ddp(tmp_path, tiny_model_dir, reverse_data):
+    over = dict(per_device_train_batch_size=2, max_steps=8)
+    ddp = write_config(tmp_path, "ddp", tiny_model_dir, reverse_data, **over)
+    assert run_torchrun(ddp).returncode == 0
+    ref = write_config(tmp_path, "fsdp", tiny_model_dir, reverse_data, **over)
+    proc = run_torchrun(ref, env_extra=FSDP_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP2: base weights sharded per LlamaDecoderLayer" in proc.stdout
+    # The same run as DDP's at the same effective batch (the sharded reduction may round differently).
+    wa, ra = final_adapter(tmp_path / "fsdp")
+    wb, rb = final_adapter(tmp_path / "ddp")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert ra["total_steps"] == rb["total_steps"] and ra["best_step"] == rb["best_step"]
+
+    cfg = write_config(tmp_path, "fsdp-killed", tiny_model_dir, reverse_data, **over)
+    proc = run_torchrun(cfg, fault="sigterm@3", env_extra=FSDP_ENV)   # after the update of an eval step
+    assert "SIGTERM received" in proc.stderr, proc.stderr[-3000:]
+    for fault in ["before_manifest@4", "micro@5", "eval@6"]:
+        proc = run_torchrun(cfg, fault=fault, env_extra=FSDP_ENV)
+        assert proc.returncode != 0, fault
+    proc = run_torchrun(cfg, env_extra=FSDP_ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "fsdp", tmp_path / "fsdp-killed")
+
+    # The checkpoint is an ordinary one: a DDP run resumes it, and peft loads its adapter.
+    mixed = write_config(tmp_path, "fsdp-then-ddp", tiny_model_dir, reverse_data, **over)
+    assert run_torchrun(mixed, fault="micro@5", env_extra=FSDP_ENV).returncode != 0
+    proc = run_torchrun(mixed)
+    assert proc.returncode == 0 and "resuming from checkpoint-4" in proc.stdout, proc.stderr[-3000:]
+    wm, _ = final_adapter(tmp_path / "fsdp-then-ddp")
+    for k in wm:
+        torch.testing.assert_close(wm[k], wb[k], rtol=1e-4, atol=1e-6)
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      tmp_path / "fsdp" / "best_model")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_fsdp_settings_fullscale_cannot_honour_are_refused_with_exit_2(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "bad", tiny_model_dir, reverse_data, max_steps=2)
+    proc = run_cli("train", cfg, env_extra={**FSDP_ENV, "FSDP_VERSION": "1"})
+    assert proc.returncode == 2 and "fsdp_version: 2" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("train", cfg, env_extra={**FSDP_ENV, "FSDP_OFFLOAD_PARAMS": "true"})
+    assert proc.returncode == 2 and "without a GPU" in proc.stderr
+    assert not (tmp_path / "bad" / "checkpoint-2").exists()

@@ -65,6 +65,12 @@ def test_fsdp_configs_make_an_fsdp2_plugin_wrapping_decoder_layers(name, monkeyp
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
     assert ("CPUOffload" in type(plugin.cpu_offload).__name__) == (name == "fsdp_offload.yaml")
+    # What fullscale reads from that environment (it shards the model itself: fullscale.sharding).
+    from fullscale import sharding
+
+    settings = sharding.requested()
+    assert settings.version == 2 and settings.layer_classes == ["LlamaDecoderLayer"]
+    assert settings.reshard_after_forward and settings.offload == (name == "fsdp_offload.yaml")
 
 
 # ----------------------------------------------------------------------------- the examples fit their GPUs

@@ -113,6 +113,9 @@ def test_a_copied_data_file_hits_and_an_edited_eval_file_misses(tmp_path, tokeni
     copy_eval = write_jsonl(tmp_path / "copy" / "eval.jsonl", chat_rows(5))
     hit = prepare(copy, tokenizer, eval_file=copy_eval, eval_split=0.0)
     assert any("read from the cache" in m for m in hit.messages)
+    # The messages name the files of this call, not those the entry was cached from.
+    text = "\n".join(hit.messages)
+    assert str(copy) in text and str(copy_eval) in text and str(train) not in text
     write_jsonl(evaluation, chat_rows(6))
     miss = prepare(train, tokenizer, eval_file=evaluation, eval_split=0.0)
     assert not any("read from the cache" in m for m in miss.messages) and len(miss.eval) == 6
