@@ -123,10 +123,26 @@ def no_sync(model: torch.nn.Module) -> Iterator[None]:
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    """A full, ordinary tensor from a DTensor (a collective: every rank calls it), or t itself."""
+    """A full, ordinary tensor from a DTensor (a collective: every rank calls it), or t itself.
+    An offloaded shard (in CPU RAM, on a GPU mesh) is gathered on the mesh's device (NCCL)."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if not isinstance(t, DTensor):
+        return t
+    mesh = t.device_mesh
+    if t.device.type != mesh.device_type:
+        t = DTensor.from_local(t.to_local().to(mesh.device_type), mesh, t.placements, run_check=False,
+                               shape=t.shape, stride=t.stride())
+    return t.full_tensor()
+
+
+def _shard_of(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a full tensor, laid out as the DTensor `like` (no communication: every
+    rank holds the full value), on like's device."""
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = like.device_mesh
+    return distribute_tensor(value.to(mesh.device_type), mesh, like.placements).to_local().to(like.device)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -137,7 +153,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Put full tensors (by parameter name) into the sharded parameters: each rank keeps its shard."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -145,7 +161,7 @@ def load_trainable_state(model: torch.nn.Module, full: dict[str, torch.Tensor]) 
                 continue
             value = full[n].to(p.dtype)
             if isinstance(p, DTensor):
-                p.copy_(distribute_tensor(value.to(p.device), p.device_mesh, p.placements))
+                p.to_local().copy_(_shard_of(value, p))
             else:
                 p.copy_(value)
 
@@ -166,7 +182,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, full: dict[str, Any]) -> None:
     """Load a full optimizer state: each rank keeps the shard of each state its parameter has."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, state in full["state"].items():
@@ -175,7 +191,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, full: dict[str, Any])
             continue
         for k, v in state.items():
             if torch.is_tensor(v) and tuple(v.shape) == tuple(p.shape):
-                state[k] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                state[k] = DTensor.from_local(_shard_of(v, p), p.device_mesh, p.placements, run_check=False,
+                                              shape=p.shape, stride=p.stride())
     optimizer.load_state_dict(full)
 
 

@@ -1,0 +1,37 @@
+"""fullscale.sharding under a real 2-process gloo group (the FSDP training runs are in test_resume.py)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def test_full_states_round_trip_through_uneven_fsdp_shards():
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([torchrun, "--nproc_per_node", "2", str(Path(__file__).parent / "scripts" /
+                                                                  "sharded_state_roundtrip.py")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.endswith("ok")) == ["0 ok", "1 ok"]
+
+
+def test_the_launch_environment_decides_fsdp(monkeypatch):
+    from fullscale import sharding
+
+    for key in ("ACCELERATE_USE_FSDP", "FULLSCALE_USE_FSDP"):
+        monkeypatch.setenv(key, "false")   # set through monkeypatch so that both are restored afterwards
+    assert sharding.requested() is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "SHARD_GRAD_OP")
+    settings = sharding.take_over_from_accelerate()
+    assert settings.version == 2 and not settings.reshard_after_forward and not settings.offload
+    # accelerate no longer sees FSDP (it would shard a second time); the memory plan still does.
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false" and sharding.requested() is not None
+    from fullscale.plan import Sharding
+
+    assert Sharding.from_env().kind == "fsdp"
