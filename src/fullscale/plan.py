@@ -757,6 +757,10 @@ def build_plan(config: Config, *, num_processes: int = 1, device: torch.device |
         notes.append(f"CPU rows are live tensor bytes; glibc's default heap can hold up to {CPU_HEAP_FACTOR:g}x "
                      "more (fragmentation), so when that could outgrow the RAM the run pins the allocator "
                      "(pin_cpu_allocator: resident memory = the tensors, slower on small tensors)")
+    eval_batch = largest_eval_batch(target, current, usable=usable)
+    if eval_batch is not None and eval_batch >= 2 * current.per_device_eval_batch_size:
+        notes.append(f"evaluation keeps no gradients: per_device_eval_batch_size up to {eval_batch} fits (now "
+                     f"{current.per_device_eval_batch_size}); a larger eval batch evaluates faster")
     disk = estimate_disk(shape, config)
     if not disk.fits:
         notes.append(f"not enough disk at {disk.path}: checkpoints need about {_size(disk.needed_bytes)}, "
@@ -804,6 +808,21 @@ def recommend(target: Target, current: Settings, *, target_batch: int, usable: i
         eval_b //= 2
     choice = Settings(b, per_process // b, gc, eval_b)
     return choice if target.memory(choice).peak <= usable else None
+
+
+EVAL_BATCH_LIMIT = 256   # beyond this a larger eval batch gains nothing measurable
+
+
+def largest_eval_batch(target: Target, current: Settings, *, usable: int) -> int | None:
+    """The largest per_device_eval_batch_size (doubling from the current one, up to
+    EVAL_BATCH_LIMIT) whose evaluation peak fits beside the training state; None when the
+    current settings do not fit at all."""
+    if target.memory(current).peak > usable:
+        return None
+    best = current.per_device_eval_batch_size
+    while best * 2 <= EVAL_BATCH_LIMIT and target.memory(replace(current, per_device_eval_batch_size=best * 2)).peak <= usable:
+        best *= 2
+    return best
 
 
 def _longest_that_fits(target: Target, usable: int) -> int | None:

@@ -167,6 +167,20 @@ def test_a_tight_budget_gets_settings_that_fit_the_same_effective_batch(llama_di
     assert r.per_device_train_batch_size < 32
 
 
+def test_the_largest_eval_batch_that_fits_is_reported_and_respects_the_budget(llama_dirs):
+    roomy = P.build_plan(make_config(llama_dirs["tiny"], max_seq_length=512), device=CPU)
+    assert any(f"per_device_eval_batch_size up to {P.EVAL_BATCH_LIMIT} fits (now 8)" in n for n in roomy.notes)
+    # A budget with room for the training state and only a little more evaluation.
+    base = make_config(llama_dirs["tiny"], max_seq_length=512)
+    shape = P.inspect_model(base, dtype=torch.float32)
+    target = P.Target(shape=shape, device_type="cpu", attn="sdpa", seq=512, dropout=base.lora_dropout,
+                      num_processes=1, packing=False, sharding=P.Sharding())
+    current = P.Settings(8, 4, True, 8)
+    budget = target.memory(P.Settings(8, 4, True, 32)).peak
+    assert P.largest_eval_batch(target, current, usable=budget) == 32
+    assert P.largest_eval_batch(target, current, usable=target.memory(current).peak - 1) is None
+
+
 def test_without_checkpointing_wins_when_it_fits_the_same_micro_batch(llama_dirs):
     config = make_config(llama_dirs["tiny"], per_device_train_batch_size=4, gradient_accumulation_steps=4,
                          gradient_checkpointing=True, max_seq_length=128)
