@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_throughput import word_tokenizer, write_data  # noqa: E402
+from bench_throughput import bare_update, word_tokenizer, write_data  # noqa: E402
 
 IGNORE_INDEX = -100
 
@@ -231,7 +231,7 @@ def run_bare(args, examples: list[dict], *, packed: bool) -> dict:
     from fullscale import sampler
     from fullscale.config import load_config
     from fullscale.data import collate, collate_packed, pack_examples
-    from fullscale.loss import LabelledHead, token_loss_sum
+    from fullscale.loss import LabelledHead
     from fullscale.model import build_model, choose
 
     fresh_start(args.device)
@@ -255,18 +255,7 @@ def run_bare(args, examples: list[dict], *, packed: bool) -> dict:
             if step >= total:
                 break
             micro = [collate_fn([examples[i] for i in b], pad_token_id=0) for b in batches[w:w + 4]]
-            n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)   # on the host
-            for batch in micro:
-                batch = {k: v.to(args.device, non_blocking=True) for k, v in batch.items()}
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-                with head.only_labelled(batch["labels"]):
-                    logits = model(**inputs, use_cache=False).logits
-                loss_sum, _ = token_loss_sum(logits, batch["labels"])
-                (loss_sum / n_tokens).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            bare_update(model, head, micro, params, optimizer, scheduler, device=args.device)
             step += 1
             window.step_end(step)
         epoch += 1

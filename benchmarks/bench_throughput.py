@@ -352,6 +352,26 @@ def run_fullscale(args, hooks: FullscaleHooks, name: str, **over):
     return {"saves": saves, "notes": [line for line in console.getvalue().splitlines() if line.startswith("packing:")]}
 
 
+def bare_update(model, head, micro: list[dict], params, optimizer, scheduler, device=None) -> None:
+    """One optimizer step of the bare loop (also bench_gpu's): forward and backward over the
+    window's micro-batches, normalised by its label tokens, then clip, AdamW and the scheduler."""
+    from fullscale.loss import token_loss_sum
+
+    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)   # on the host
+    for batch in micro:
+        if device is not None:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        with head.only_labelled(batch["labels"]):
+            logits = model(**inputs, use_cache=False).logits
+        loss_sum, _ = token_loss_sum(logits, batch["labels"])
+        (loss_sum / n_tokens).backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def run_bare(args, lockstep: Lockstep, examples: list[dict], *, packed: bool):
     """The floor: fullscale's model set-up and batches, and only what a step must do."""
     from transformers import get_scheduler
@@ -359,7 +379,7 @@ def run_bare(args, lockstep: Lockstep, examples: list[dict], *, packed: bool):
     from fullscale import sampler
     from fullscale.config import load_config
     from fullscale.data import pack_examples
-    from fullscale.loss import LabelledHead, token_loss_sum
+    from fullscale.loss import LabelledHead
     from fullscale.model import build_model, choose
 
     collate, collate_packed = UNOBSERVED_COLLATE   # not the counting ones FullscaleHooks may have put in place
@@ -383,17 +403,7 @@ def run_bare(args, lockstep: Lockstep, examples: list[dict], *, packed: bool):
             if step >= total:
                 break
             micro = [count_batch(collate_fn([examples[i] for i in b], pad_token_id=0)) for b in batches[w:w + 4]]
-            n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-            for batch in micro:
-                inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-                with head.only_labelled(batch["labels"]):
-                    logits = model(**inputs, use_cache=False).logits
-                loss_sum, _ = token_loss_sum(logits, batch["labels"])
-                (loss_sum / n_tokens).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            bare_update(model, head, micro, params, optimizer, scheduler)
             step += 1
             lockstep.step_end(step)
         epoch += 1

@@ -54,7 +54,6 @@ class LabelledHead:
         get = getattr(model, "get_output_embeddings", None)
         head = get() if callable(get) else None
         self._mask: torch.Tensor | None = None
-        self.active = head is not None
         self._handle = head.register_forward_pre_hook(self._select) if head is not None else None
 
     def _select(self, module, args):

@@ -168,7 +168,7 @@ def eval_batches(examples: list[dict], *, batch_size: int, rank: int, num_proces
     """Evaluation batches for this rank: longest first (little padding), round-robin over ranks.
     `even`: every rank gets the same number of batches (a sharded forward is a collective); a rank
     short of one runs the shortest example with no label, which adds nothing to the loss."""
-    from fullscale.data import IGNORE_INDEX, collate
+    from fullscale.data import collate
 
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -612,8 +612,9 @@ def fit(run: Run) -> str:
     eval_losses: list[float] = list(state.pending_eval_losses)  # train losses since the last evaluation
     log_start = time.perf_counter()
     steps_this_process, start = 0, time.perf_counter()
+    end = "max_steps" if config.max_steps > 0 else "epochs"   # the stop reason at the end of the schedule
 
-    def after_step(step: int, stop_reason: str | None) -> str | None:
+    def after_step(step: int, stop_reason: str | None, *, save: bool = False) -> str | None:
         """Evaluate at eval_steps and once at the end; save at save_steps and at the end, after the
         evaluation, so the checkpoint holds this step's early-stopping state. A signal that comes
         before an eval step's evaluation saves at once with the evaluation marked pending: the
@@ -636,25 +637,20 @@ def fit(run: Run) -> str:
                 stop_reason = "early_stopping"
             if run.preemption.agreed(acc, device):  # a signal during evaluation
                 stop_reason = "preempted"
-        if step % config.save_steps == 0 or stop_reason is not None or resumed_pending:
+        if save or step % config.save_steps == 0 or stop_reason is not None:
             run.save_checkpoint(step, log_losses, log_tokens, stop_reason, eval_losses)
         return stop_reason
 
     def pending_evaluation() -> str | None:
         """The evaluation a signal cut off before it started (resume, or a rollback to such a
         checkpoint); the checkpoint is then saved again without the mark, with any stop it decides."""
-        nonlocal resumed_pending
         if not state.eval_pending:
             return None
-        state.eval_pending, resumed_pending = False, True
-        end = "max_steps" if config.max_steps > 0 else "epochs"
-        try:
-            return after_step(state.step, end if state.step >= run.total_steps else None)
-        finally:
-            resumed_pending = False
-            model.train()
+        state.eval_pending = False
+        stop = after_step(state.step, end if state.step >= run.total_steps else None, save=True)
+        model.train()
+        return stop
 
-    resumed_pending = False
     lengths = [len(ex["input_ids"]) for ex in run.data.train] if config.group_by_length else None
     if lengths is not None:
         kw = dict(num_examples=len(lengths), seed=config.seed, epoch=state.epoch, global_batch_size=global_batch,
@@ -794,7 +790,7 @@ def fit(run: Run) -> str:
 
             # Stop? (the end of the schedule, or a preemption signal on any rank)
             if step >= run.total_steps and stop_reason is None:
-                stop_reason = "max_steps" if config.max_steps > 0 else "epochs"
+                stop_reason = end
             if run.preemption.agreed(acc, device):
                 stop_reason = "preempted"
             t0 = time.perf_counter()
@@ -805,7 +801,7 @@ def fit(run: Run) -> str:
             state.epoch += 1
             state.micro_in_epoch = 0
     run.fit_seconds = time.perf_counter() - start
-    return stop_reason or ("max_steps" if config.max_steps > 0 else "epochs")
+    return stop_reason or end
 
 
 _SEVERITY = {"warn": 0, "skip": 1, "rollback": 2, "abort": 3}

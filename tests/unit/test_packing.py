@@ -141,20 +141,24 @@ def _packed_batch(tokenizer, lengths, *, max_seq_length, seed=0):
     return examples, packed
 
 
+def _assert_each_example_has_its_logits_alone(model, examples, packed, logits) -> None:
+    """logits: (rows, longest, V) of the packed batch; each example's span equals it run alone."""
+    by_row = {ex["row"]: ex for ex in examples}
+    for i, row in enumerate(packed):
+        start = 0
+        for r, n in zip(row["rows"], row["lengths"]):
+            alone = model(input_ids=torch.tensor([by_row[r]["input_ids"]]), use_cache=False).logits[0]
+            torch.testing.assert_close(logits[i, start:start + n], alone, rtol=0, atol=1e-5)
+            start += n
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_each_example_in_a_packed_row_has_the_logits_it_has_alone(tokenizer, attn):
     model = _model(tokenizer, attn)
     examples, packed = _packed_batch(tokenizer, [7, 12, 5, 20, 9, 3, 16, 11], max_seq_length=32)
     batch = collate_packed(packed, pad_token_id=tokenizer.pad_token_id)
-    by_row = {ex["row"]: ex for ex in examples}
     with torch.no_grad():
-        logits = _forward(model, batch)                                     # (rows, longest, V)
-        for i, row in enumerate(packed):
-            start = 0
-            for r, n in zip(row["rows"], row["lengths"]):
-                alone = model(input_ids=torch.tensor([by_row[r]["input_ids"]]), use_cache=False).logits[0]
-                torch.testing.assert_close(logits[i, start:start + n], alone, rtol=0, atol=1e-5)
-                start += n
+        _assert_each_example_has_its_logits_alone(model, examples, packed, _forward(model, batch))
 
 
 def test_without_position_ids_packed_examples_do_see_each_other(tokenizer):
@@ -181,14 +185,7 @@ def test_lora_model_with_gradient_checkpointing_in_train_mode_keeps_examples_apa
     model.train()
     examples, packed = _packed_batch(tokenizer, [9, 14, 6, 18, 4], max_seq_length=24, seed=1)
     batch = collate_packed(packed, pad_token_id=tokenizer.pad_token_id)
-    logits = _forward(model, batch)
-    by_row = {ex["row"]: ex for ex in examples}
-    for i, row in enumerate(packed):
-        start = 0
-        for r, n in zip(row["rows"], row["lengths"]):
-            alone = model(input_ids=torch.tensor([by_row[r]["input_ids"]]), use_cache=False).logits[0]
-            torch.testing.assert_close(logits[i, start:start + n], alone, rtol=0, atol=1e-5)
-            start += n
+    _assert_each_example_has_its_logits_alone(model, examples, packed, _forward(model, batch))
 
 
 # ----------------------------------------------------------------------------- same loss, same gradients
