@@ -116,8 +116,9 @@ def _show_demo_generations(result) -> None:
     data, model, tokenizer = result["_data"], result["_model"], result["_tokenizer"]
     model = getattr(model, "module", model)  # unwrapped from DDP
     from fullscale.sharding import is_sharded
+    from fullscale.zero import is_partitioned
 
-    if is_sharded(model):
+    if is_sharded(model) or is_partitioned(model):
         return   # generation needs the whole model on one process
     run_dir = Path(result["config"]["output_dir"])
     best = run_dir / "best_model" / "adapter_model.safetensors"

@@ -456,7 +456,7 @@ class Sharding:
         if on("ACCELERATE_USE_FSDP") or on("FULLSCALE_USE_FSDP"):
             offload = on("FSDP_OFFLOAD_PARAMS")
             return cls("fsdp", offload_params=offload, offload_optimizer=offload)
-        if on("ACCELERATE_USE_DEEPSPEED"):
+        if on("ACCELERATE_USE_DEEPSPEED") or on("FULLSCALE_USE_DEEPSPEED"):
             stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
             return cls("zero3" if stage == "3" else "zero2" if stage == "2" else "ddp",
                        offload_params=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", ""),

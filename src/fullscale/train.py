@@ -36,7 +36,7 @@ from fullscale.loss import IGNORE_INDEX, LabelledHead, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
-from fullscale import sharding
+from fullscale import sharding, zero
 
 STOP_REASONS = ("max_steps", "epochs", "early_stopping", "preempted", "health_abort")
 
@@ -64,14 +64,15 @@ class TrainState:
 # ----------------------------------------------------------------------------- setup helpers
 
 def build_accelerator():
-    """The Accelerator, and the FSDP settings of the launch (fullscale shards the model itself,
-    see fullscale.sharding; accelerate then sets up plain multi-process)."""
+    """The Accelerator, and the FSDP or DeepSpeed settings of the launch (fullscale shards the model
+    itself, see fullscale.sharding and fullscale.zero; accelerate then sets up plain multi-process)."""
     from accelerate import Accelerator
 
     fsdp = sharding.take_over_from_accelerate()
+    deepspeed = zero.take_over_from_accelerate()
     # Without a GPU, accelerate only sets up several processes (gloo) when told the run is on the CPU.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=multi_process and not torch.cuda.is_available()), fsdp
+    return Accelerator(cpu=multi_process and not torch.cuda.is_available()), fsdp, deepspeed
 
 
 def set_seed(seed: int) -> None:
@@ -209,6 +210,7 @@ class Run:
     fit_seconds: float = 0.0
     head: LabelledHead | None = None   # logits only at labelled positions (see fullscale.loss)
     sharded: bool = False              # FSDP: parameters and optimizer states are sharded (fullscale.sharding)
+    deepspeed: bool = False            # model is a DeepSpeed engine, optimizer its ZeRO optimizer (fullscale.zero)
     _time_base: float = field(default_factory=time.perf_counter)
 
     @property
@@ -246,7 +248,7 @@ class Run:
         acc = self.accelerator
         batches = eval_batches(self.data.eval, batch_size=self.config.per_device_eval_batch_size,
                                rank=acc.process_index, num_processes=acc.num_processes,
-                               pad_token_id=self.tokenizer.pad_token_id, even=self.sharded)
+                               pad_token_id=self.tokenizer.pad_token_id, even=self.sharded or self.deepspeed)
         # The unwrapped model: DDP's forward syncs buffers across ranks, and ranks may hold
         # different numbers of eval batches.
         result = evaluate(acc.unwrap_model(self.model), batches, accelerator=acc, head=self.head)
@@ -266,8 +268,8 @@ class Run:
 
     def save_best_model(self, step: int, eval_loss: float) -> None:
         """best_model/: adapter + tokenizer of the best eval loss, replaced atomically. Every rank
-        calls it (under FSDP the adapter is gathered); rank 0 writes."""
-        adapter = sharding.trainable_state(self.model) if self.sharded else None
+        calls it (under FSDP or DeepSpeed the adapter is gathered); rank 0 writes."""
+        adapter = self.gathered_adapter()
         if not self.is_main:
             return
         staging = ckpt.staging_dir(self.run_dir, "best_model")
@@ -277,6 +279,30 @@ class Run:
                               manifest={"step": step, "eval_loss": eval_loss,
                                         "provenance": {"base_model": resolve_model_path(self.config),
                                                        "fingerprints": self.fingerprints}})
+
+    def gathered_adapter(self) -> dict[str, torch.Tensor] | None:
+        """The full adapter from its shards or partitions (a collective), or None where the model
+        holds it whole."""
+        if self.sharded:
+            return sharding.trainable_state(self.model)
+        if self.deepspeed:
+            return zero.trainable_state(self.model)
+        return None
+
+    def gathered_optimizer_state(self) -> dict[str, Any]:
+        """The optimizer state in torch's format, full tensors (gathered: a collective)."""
+        if self.sharded:
+            return sharding.optimizer_state(self.optimizer)
+        if self.deepspeed:
+            return zero.optimizer_state(self.model, self.optimizer)
+        return self.optimizer.state_dict()
+
+    def discard_update(self) -> None:
+        """Drop the window's gradients: the update is not applied."""
+        if self.deepspeed:
+            zero.discard_update(self.model, self.optimizer)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def save_adapter(self, directory: Path, adapter: dict[str, torch.Tensor] | None) -> None:
         """adapter_model.safetensors + adapter_config.json, as peft writes them (from the gathered
@@ -297,9 +323,9 @@ class Run:
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
         self.state.pending_losses, self.state.pending_tokens = list(pending), self.reduce_tokens(pending_tokens)
         self.state.pending_eval_losses = list(eval_losses or [])
-        # Under FSDP, gather the adapter and the optimizer states on every rank (collectives).
-        adapter = sharding.trainable_state(self.model) if self.sharded else None
-        optimizer_state = sharding.optimizer_state(self.optimizer) if self.sharded else None
+        # Under FSDP or DeepSpeed, gather the adapter and the optimizer states on every rank (collectives).
+        adapter = self.gathered_adapter()
+        optimizer_state = self.gathered_optimizer_state()
         self.state.train_seconds, self._time_base = self.elapsed(), time.perf_counter()
         error: list[str | None] = [None]
         if self.is_main:
@@ -311,7 +337,7 @@ class Run:
 
             def write(d: Path) -> None:
                 self.save_adapter(d, adapter)
-                torch.save(optimizer_state or self.optimizer.state_dict(), d / "optimizer.pt")
+                torch.save(optimizer_state, d / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), d / "scheduler.pt")
                 for r, s in enumerate(rngs):
                     torch.save(s, d / f"rng_state_{r}.pt")
@@ -349,10 +375,13 @@ class Run:
         unwrapped = self.accelerator.unwrap_model(self.model)
         weights = safetensors.torch.load_file(str(path / "adapter_model.safetensors"))
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
         if self.sharded:
-            names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
             sharding.load_trainable_state(unwrapped, {n: weights[sharding.adapter_key(n)] for n in names})
             sharding.load_optimizer_state(self.optimizer, optimizer_state)
+        elif self.deepspeed:
+            zero.load_state(self.model, self.optimizer, {n: weights[sharding.adapter_key(n)] for n in names},
+                            optimizer_state)
         else:
             peft.set_peft_model_state_dict(unwrapped, weights)
             self.optimizer.load_state_dict(optimizer_state)
@@ -418,17 +447,11 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     from fullscale.data import prepare_data
 
     # 1. Processes and device.
-    accelerator, fsdp = build_accelerator()
-    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    if engine == "DEEPSPEED":
-        # ZeRO's partitioned states need DeepSpeed's own gathering for a complete checkpoint; until
-        # that path has run, refuse rather than write checkpoints that resume wrong.
-        raise ConfigError("this accelerate launch uses DeepSpeed, which fullscale's crash-safe checkpoints do not "
-                          "support yet. Shard with FSDP instead (accelerate launch --config_file "
-                          "configs/accelerate/fsdp.yaml), or, as LoRA's trainable state is small, run DDP "
-                          "(torchrun, or configs/accelerate/ddp.yaml)")
+    accelerator, fsdp, deepspeed = build_accelerator()
     if fsdp is not None:
         sharding.check(fsdp, device=accelerator.device)
+    if deepspeed is not None:
+        zero.check(deepspeed, config)
     rank, world = accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
     device = accelerator.device
@@ -524,7 +547,10 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     steps_in_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
     total_steps = total_steps_for(config, steps_in_epoch)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    if fsdp is None:
+    if deepspeed is not None:
+        model, optimizer = zero.initialize(model, optimizer, deepspeed, config)
+        console.print(deepspeed.describe())
+    elif fsdp is None:
         model, optimizer = accelerator.prepare(model, optimizer)
     stopper = EarlyStopping(patience=effective_early_stopping(config), min_delta=config.early_stopping_min_delta)
 
@@ -547,7 +573,8 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
               health=HealthMonitor(config, total_steps=total_steps,
                                    warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
               run_dir=run_dir, num_workers=resolve_num_workers(config, device, world),
-              head=LabelledHead(accelerator.unwrap_model(model)), sharded=fsdp is not None)
+              head=LabelledHead(accelerator.unwrap_model(model)), sharded=fsdp is not None,
+              deepspeed=deepspeed is not None)
 
     # 5. Resume: adapter, optimizer, scheduler, RNG, data position, early stopping.
     if resume_path is not None:
@@ -685,20 +712,28 @@ def fit(run: Run) -> str:
                 log_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last = i == n_micro - 1
-                with contextlib.nullcontext() if last else (sharding.no_sync(model) if run.sharded else acc.no_sync(model)):
+                if run.deepspeed:
+                    model.set_gradient_accumulation_boundary(last)   # DeepSpeed reduces into its partitions
+                with contextlib.nullcontext() if last or run.deepspeed else (
+                        sharding.no_sync(model) if run.sharded else acc.no_sync(model)):
                     with run.head.only_labelled(batch["labels"]) if run.head else contextlib.nullcontext():
                         logits = model(**model_inputs(batch), use_cache=False).logits  # (N labelled, V)
                     loss_sum, _ = token_loss_sum(logits, batch["labels"])
                     if faults.active("nan"):
                         loss_sum = loss_sum * float("nan")
-                    # DDP averages gradients over ranks; x world makes it the window's token mean.
-                    acc.backward(loss_sum / n_tokens * world)
+                    # DDP (and ZeRO) average gradients over ranks; x world makes it the window's token mean.
+                    if run.deepspeed:
+                        model.backward(loss_sum / n_tokens * world, scale_wrt_gas=False)
+                    else:
+                        acc.backward(loss_sum / n_tokens * world)
                 step_loss += loss_sum.detach() / n_tokens
                 del logits
                 if not last:
                     faults.hit("micro")
 
-            if run.sharded:
+            if run.deepspeed:
+                grad_norm = zero.grad_norm(model)   # DeepSpeed clips inside its step
+            elif run.sharded:
                 grad_norm = sharding.clip_grad_norm(params, config.max_grad_norm)
             elif config.max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
@@ -713,8 +748,9 @@ def fit(run: Run) -> str:
             action = _most_severe(events)
             for event in events:
                 run.health_event(event)
+            if action in ("rollback", "abort", "skip"):
+                run.discard_update()   # this update is not applied
             if action == "rollback":
-                run.optimizer.zero_grad(set_to_none=True)
                 if run.rollback(step) is not None:
                     log_losses, log_tokens, eval_losses = list(state.pending_losses), 0, list(state.pending_eval_losses)
                     if rank == 0:
@@ -724,7 +760,6 @@ def fit(run: Run) -> str:
                 action = "skip"
                 run.say(f"no checkpoint to roll back to at step {step}; the update is skipped instead")
             if action == "abort":
-                run.optimizer.zero_grad(set_to_none=True)
                 rows = sorted(run.data.train[i]["row"] for b in batches[state.micro_in_epoch:state.micro_in_epoch + n_micro]
                               for i in b)
                 run.say(f"health abort at step {step}: {events[-1].message}. Batch rows: {rows}. "
@@ -735,13 +770,12 @@ def fit(run: Run) -> str:
                 stop_reason = "health_abort"
                 run.save_checkpoint(state.step, log_losses, log_tokens, stop_reason, eval_losses)
                 break
-            if action == "skip":
-                run.optimizer.zero_grad(set_to_none=True)   # this update is not applied
-            else:
-                run.optimizer.step()
+            if action != "skip":
+                (model if run.deepspeed else run.optimizer).step()
             run.scheduler.step()
             run.apply_lr_scale()
-            run.optimizer.zero_grad(set_to_none=True)
+            if not run.deepspeed:
+                run.optimizer.zero_grad(set_to_none=True)
             state.step = step
             state.micro_in_epoch += n_micro
             steps_this_process += 1
