@@ -66,6 +66,8 @@ class TrainState:
 def build_accelerator():
     """The Accelerator, and the FSDP or DeepSpeed settings of the launch (fullscale shards the model
     itself, see fullscale.sharding and fullscale.zero; accelerate then sets up plain multi-process)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")   # an installed DeepSpeed, imported by accelerate, says so quietly
     from accelerate import Accelerator
 
     fsdp = sharding.take_over_from_accelerate()

@@ -162,23 +162,39 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, setting
     ZeRO keeps. The AdamW states are created now (as torch would at the first step), so a
     checkpoint can be loaded into them before any update."""
     deepspeed = import_deepspeed()
+    if not torch.distributed.is_initialized():
+        # One process started without a launcher: DeepSpeed still needs a process group.
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.setdefault("LOCAL_RANK", "0")
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                                             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                         config=engine_config(settings, config))
     inner = zero_optimizer.optimizer
-    for group in inner.param_groups:
-        for flat in group["params"]:
-            if not inner.state.get(flat):
-                inner.state[flat] = {"step": torch.tensor(0.0, dtype=torch.float32),
-                                     **{k: torch.zeros_like(flat, memory_format=torch.preserve_format)
-                                        for k in ADAM_STATES}}
+    for flat in _flat_partitions(zero_optimizer):
+        if not inner.state.get(flat):
+            inner.state[flat] = {"step": torch.tensor(0.0, dtype=torch.float32),
+                                 **{k: torch.zeros_like(flat, memory_format=torch.preserve_format)
+                                    for k in ADAM_STATES}}
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)   # stages 1-2: map the
     if link is not None:                                                         # states per parameter
         link()
     return engine, zero_optimizer
 
 
-def is_engine(model: Any) -> bool:
-    return type(model).__name__ == "DeepSpeedEngine"
+def _flat_partitions(zero_optimizer) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partitions, the tensors AdamW updates (stage 3 hands them to
+    AdamW one sub-group at a time, so its param groups are empty between steps)."""
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        flats = getattr(zero_optimizer, attr, None)
+        if flats is not None:
+            return list(flats)
+    raise RuntimeError(f"unknown ZeRO optimizer {type(zero_optimizer).__name__}: fullscale cannot find its fp32 "
+                       "partitions (a DeepSpeed version fullscale was not tested with?)")
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:

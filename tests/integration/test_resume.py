@@ -298,3 +298,74 @@ def test_fsdp_settings_fullscale_cannot_honour_are_refused_with_exit_2(tmp_path,
     proc = run_cli("train", cfg, env_extra={**FSDP_ENV, "FSDP_OFFLOAD_PARAMS": "true"})
     assert proc.returncode == 2 and "without a GPU" in proc.stderr
     assert not (tmp_path / "bad" / "checkpoint-2").exists()
+
+
+def run_accelerate(config_name, cfg, *, fault=None):
+    """`accelerate launch --config_file configs/accelerate/NAME`, as users start it, on 2 processes."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    env.pop("FULLSCALE_FAULT", None)
+    if fault:
+        env["FULLSCALE_FAULT"] = fault
+    return subprocess.run([accelerate, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config_name),
+                           "--num_processes", "2", "-m", "fullscale", "train", str(cfg)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_offload_run_killed_and_resumed_ends_bitwise_equal_and_matches_ddp(
+        tmp_path, tiny_model_dir, reverse_data):
+    over = dict(per_device_train_batch_size=2, max_steps=8)
+    # Every run meets a NaN at step 6: the update must be skipped under ZeRO as under DDP (DeepSpeed
+    # holds the gradients in its own partitions until its step).
+    nan = "nan@6"
+    ddp = write_config(tmp_path, "ddp", tiny_model_dir, reverse_data, **over)
+    assert run_torchrun(ddp, fault=nan).returncode == 0
+    ref = write_config(tmp_path, "zero3", tiny_model_dir, reverse_data, **over)
+    proc = run_accelerate("deepspeed_zero3_offload.yaml", ref, fault=nan)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("DeepSpeed ZeRO-3: weights, gradients and optimizer states partitioned, optimizer and parameters "
+            "offloaded to CPU") in proc.stdout
+    assert "health [nonfinite -> skip] step 6" in proc.stdout
+    # The same run as DDP's at the same effective batch (the partitioned reduction may round differently).
+    wa, ra = final_adapter(tmp_path / "zero3")
+    wb, rb = final_adapter(tmp_path / "ddp")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert ra["total_steps"] == rb["total_steps"] and ra["best_step"] == rb["best_step"]
+
+    cfg = write_config(tmp_path, "zero3-killed", tiny_model_dir, reverse_data, **over)
+    proc = run_accelerate("deepspeed_zero3_offload.yaml", cfg, fault=f"sigterm@3,{nan}")  # after an eval step's update
+    assert "SIGTERM received" in proc.stderr, proc.stderr[-3000:]
+    proc = run_accelerate("deepspeed_zero3_offload.yaml", cfg, fault=f"micro@5,{nan}")   # SIGKILL inside a window
+    assert proc.returncode != 0
+    proc = run_accelerate("deepspeed_zero3_offload.yaml", cfg, fault=nan)
+    assert proc.returncode == 0 and "resuming from checkpoint-4" in proc.stdout, proc.stderr[-3000:]
+    assert_same_run(tmp_path / "zero3", tmp_path / "zero3-killed")
+
+    # The checkpoints are ordinary ones: a DDP run's checkpoint resumes under ZeRO-2.
+    mixed = write_config(tmp_path, "ddp-then-zero2", tiny_model_dir, reverse_data, **over)
+    assert run_torchrun(mixed, fault=f"micro@5,{nan}").returncode != 0
+    proc = run_accelerate("deepspeed_zero2.yaml", mixed, fault=nan)
+    assert proc.returncode == 0 and "resuming from checkpoint-4" in proc.stdout, proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-2: gradients and optimizer states partitioned" in proc.stdout
+    wm, _ = final_adapter(tmp_path / "ddp-then-zero2")
+    for k in wm:
+        torch.testing.assert_close(wm[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_deepspeed_settings_fullscale_cannot_honour_are_refused_with_exit_2(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "bad", tiny_model_dir, reverse_data, max_steps=2, gradient_accumulation_steps=2)
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+           "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4",
+           "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(tmp_path / "ds.json")}
+    proc = run_cli("train", cfg, env_extra=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "3 config errors" in proc.stderr
+    assert "offload_param_device: cpu needs zero_stage 3" in proc.stderr
+    assert "gradient_accumulation_steps: 4 but the fullscale config has gradient_accumulation_steps: 2" in proc.stderr
+    assert "deepspeed_config_file" in proc.stderr
+    assert not (tmp_path / "bad" / "checkpoint-2").exists()

@@ -37,3 +37,28 @@ def test_the_launch_environment_decides_fsdp(monkeypatch):
     from fullscale.plan import Sharding
 
     assert Sharding.from_env().kind == "fsdp"
+
+
+def test_the_launch_environment_decides_deepspeed(monkeypatch):
+    from fullscale import zero
+
+    for key in ("ACCELERATE_USE_DEEPSPEED", "FULLSCALE_USE_DEEPSPEED"):
+        monkeypatch.setenv(key, "false")
+    assert zero.requested() is None
+    # What `accelerate launch --config_file configs/accelerate/deepspeed_zero3_offload.yaml` sets.
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "cpu")
+    settings = zero.take_over_from_accelerate()
+    assert (settings.stage, settings.offload_optimizer, settings.offload_params) == (3, "cpu", "cpu")
+    assert os.environ["ACCELERATE_USE_DEEPSPEED"] == "false" and zero.requested() is not None
+    from fullscale.config import Config
+    from fullscale.plan import Sharding
+
+    plan = Sharding.from_env()
+    assert plan.kind == "zero3" and plan.offload_params and plan.offload_optimizer
+    cfg = Config(gradient_accumulation_steps=3, max_grad_norm=0.5)
+    ds = zero.engine_config(settings, cfg)
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
