@@ -454,7 +454,7 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
         sharding.check(fsdp, device=accelerator.device)
     if deepspeed is not None:
         zero.check(deepspeed, config)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     is_main = accelerator.is_main_process
     device = accelerator.device
     run_dir = Path(config.output_dir)

@@ -209,10 +209,15 @@ def _trainable(engine) -> list[tuple[str, torch.nn.Parameter]]:
 def grad_norm(engine) -> torch.Tensor:
     """The global L2 norm of the window's gradients, before DeepSpeed clips and steps (a collective:
     every rank calls it, every rank gets it)."""
-    from deepspeed.utils import safe_get_full_grad
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
-    norms = [safe_get_full_grad(p).float().norm() for _, p in _trainable(engine)]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    params = [p for _, p in _trainable(engine)]
+    if is_partitioned(engine.module):
+        # ZeRO-3: this rank's partition of each gradient, then one all-reduce of the squares.
+        squares = torch.stack([safe_get_local_grad(p).float().square().sum() for p in params]).sum()
+        torch.distributed.all_reduce(squares)
+        return squares.sqrt()
+    return torch.linalg.vector_norm(torch.stack([safe_get_full_grad(p).float().norm() for p in params]))
 
 
 def trainable_state(engine) -> dict[str, torch.Tensor]:
