@@ -70,6 +70,17 @@ def assert_same_run(a, b):
     assert train_steps == sorted(set(train_steps))
 
 
+def assert_matches_across_engines(a, b):
+    """Two runs at the same effective batch under different engines (DDP, FSDP, ZeRO): equal within
+    float rounding (a sharded or partitioned reduction may round differently)."""
+    wa, ra = final_adapter(a)
+    wb, rb = final_adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert ra["total_steps"] == rb["total_steps"] and ra["best_step"] == rb["best_step"]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir, reverse_data):
     tmp = tmp_path_factory.mktemp("reference")
@@ -257,13 +268,7 @@ def test_fsdp_run_killed_and_resumed_ends_bitwise_equal_and_matches_ddp(tmp_path
     proc = run_torchrun(ref, env_extra=FSDP_ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FSDP2: base weights sharded per LlamaDecoderLayer" in proc.stdout
-    # The same run as DDP's at the same effective batch (the sharded reduction may round differently).
-    wa, ra = final_adapter(tmp_path / "fsdp")
-    wb, rb = final_adapter(tmp_path / "ddp")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
-    assert ra["total_steps"] == rb["total_steps"] and ra["best_step"] == rb["best_step"]
+    assert_matches_across_engines(tmp_path / "fsdp", tmp_path / "ddp")
 
     cfg = write_config(tmp_path, "fsdp-killed", tiny_model_dir, reverse_data, **over)
     proc = run_torchrun(cfg, fault="sigterm@3", env_extra=FSDP_ENV)   # after the update of an eval step
@@ -280,9 +285,7 @@ def test_fsdp_run_killed_and_resumed_ends_bitwise_equal_and_matches_ddp(tmp_path
     assert run_torchrun(mixed, fault="micro@5", env_extra=FSDP_ENV).returncode != 0
     proc = run_torchrun(mixed)
     assert proc.returncode == 0 and "resuming from checkpoint-4" in proc.stdout, proc.stderr[-3000:]
-    wm, _ = final_adapter(tmp_path / "fsdp-then-ddp")
-    for k in wm:
-        torch.testing.assert_close(wm[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert_matches_across_engines(tmp_path / "fsdp-then-ddp", tmp_path / "ddp")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -329,13 +332,7 @@ def test_deepspeed_zero3_offload_run_killed_and_resumed_ends_bitwise_equal_and_m
     assert ("DeepSpeed ZeRO-3: weights, gradients and optimizer states partitioned, optimizer and parameters "
             "offloaded to CPU") in proc.stdout
     assert "health [nonfinite -> skip] step 6" in proc.stdout
-    # The same run as DDP's at the same effective batch (the partitioned reduction may round differently).
-    wa, ra = final_adapter(tmp_path / "zero3")
-    wb, rb = final_adapter(tmp_path / "ddp")
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
-    assert ra["total_steps"] == rb["total_steps"] and ra["best_step"] == rb["best_step"]
+    assert_matches_across_engines(tmp_path / "zero3", tmp_path / "ddp")
 
     cfg = write_config(tmp_path, "zero3-killed", tiny_model_dir, reverse_data, **over)
     proc = run_accelerate("deepspeed_zero3_offload.yaml", cfg, fault=f"sigterm@3,{nan}")  # after an eval step's update
@@ -352,9 +349,7 @@ def test_deepspeed_zero3_offload_run_killed_and_resumed_ends_bitwise_equal_and_m
     proc = run_accelerate("deepspeed_zero2.yaml", mixed, fault=nan)
     assert proc.returncode == 0 and "resuming from checkpoint-4" in proc.stdout, proc.stderr[-3000:]
     assert "DeepSpeed ZeRO-2: gradients and optimizer states partitioned" in proc.stdout
-    wm, _ = final_adapter(tmp_path / "ddp-then-zero2")
-    for k in wm:
-        torch.testing.assert_close(wm[k], wb[k], rtol=1e-4, atol=1e-6)
+    assert_matches_across_engines(tmp_path / "ddp-then-zero2", tmp_path / "ddp")
 
 
 def test_deepspeed_settings_fullscale_cannot_honour_are_refused_with_exit_2(tmp_path, tiny_model_dir, reverse_data):
