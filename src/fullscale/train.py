@@ -299,6 +299,43 @@ class Run:
             return zero.optimizer_state(self.model, self.optimizer)
         return self.optimizer.state_dict()
 
+    # -- the engine's part of a step: DDP (accelerate), FSDP (fullscale.sharding) or DeepSpeed (fullscale.zero)
+    def accumulating(self, last: bool):
+        """The context of one micro-batch's forward/backward: gradients are reduced across ranks only
+        on the window's last micro-batch."""
+        if self.deepspeed:
+            self.model.set_gradient_accumulation_boundary(last)   # DeepSpeed reduces into its partitions
+            return contextlib.nullcontext()
+        if last:
+            return contextlib.nullcontext()
+        return sharding.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self.model.backward(loss, scale_wrt_gas=False)   # fullscale normalises by the window's tokens
+        else:
+            self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """The window's global gradient norm before clipping; clipped to max_grad_norm (DeepSpeed
+        clips inside its step)."""
+        max_norm = self.config.max_grad_norm
+        if self.deepspeed:
+            return zero.grad_norm(self.model)
+        if self.sharded:
+            return sharding.clip_grad_norm(params, max_norm)
+        if max_norm > 0:
+            return self.accelerator.clip_grad_norm_(params, max_norm)
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+
+    def apply_update(self) -> None:
+        """The optimizer step, and the gradients cleared for the next window."""
+        if self.deepspeed:
+            self.model.step()
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
     def discard_update(self) -> None:
         """Drop the window's gradients: the update is not applied."""
         if self.deepspeed:
@@ -714,33 +751,20 @@ def fit(run: Run) -> str:
                 log_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last = i == n_micro - 1
-                if run.deepspeed:
-                    model.set_gradient_accumulation_boundary(last)   # DeepSpeed reduces into its partitions
-                with contextlib.nullcontext() if last or run.deepspeed else (
-                        sharding.no_sync(model) if run.sharded else acc.no_sync(model)):
+                with run.accumulating(last):
                     with run.head.only_labelled(batch["labels"]) if run.head else contextlib.nullcontext():
                         logits = model(**model_inputs(batch), use_cache=False).logits  # (N labelled, V)
                     loss_sum, _ = token_loss_sum(logits, batch["labels"])
                     if faults.active("nan"):
                         loss_sum = loss_sum * float("nan")
-                    # DDP (and ZeRO) average gradients over ranks; x world makes it the window's token mean.
-                    if run.deepspeed:
-                        model.backward(loss_sum / n_tokens * world, scale_wrt_gas=False)
-                    else:
-                        acc.backward(loss_sum / n_tokens * world)
+                    # DDP (FSDP, ZeRO) average gradients over ranks; x world makes it the window's token mean.
+                    run.backward(loss_sum / n_tokens * world)
                 step_loss += loss_sum.detach() / n_tokens
                 del logits
                 if not last:
                     faults.hit("micro")
 
-            if run.deepspeed:
-                grad_norm = zero.grad_norm(model)   # DeepSpeed clips inside its step
-            elif run.sharded:
-                grad_norm = sharding.clip_grad_norm(params, config.max_grad_norm)
-            elif config.max_grad_norm > 0:
-                grad_norm = acc.clip_grad_norm_(params, config.max_grad_norm)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+            grad_norm = run.clip_grad_norm(params)
             # Health check before the update: the one host sync per step (all ranks see the same
             # global loss and norm, so they take the same decision).
             if world > 1:
@@ -773,11 +797,9 @@ def fit(run: Run) -> str:
                 run.save_checkpoint(state.step, log_losses, log_tokens, stop_reason, eval_losses)
                 break
             if action != "skip":
-                (model if run.deepspeed else run.optimizer).step()
+                run.apply_update()
             run.scheduler.step()
             run.apply_lr_scale()
-            if not run.deepspeed:
-                run.optimizer.zero_grad(set_to_none=True)
             state.step = step
             state.micro_in_epoch += n_micro
             steps_this_process += 1
