@@ -355,9 +355,9 @@ def run_fullscale(args, hooks: FullscaleHooks, name: str, **over):
 def bare_update(model, head, micro: list[dict], params, optimizer, scheduler, device=None) -> None:
     """One optimizer step of the bare loop (also bench_gpu's): forward and backward over the
     window's micro-batches, normalised by its label tokens, then clip, AdamW and the scheduler."""
-    from fullscale.loss import token_loss_sum
+    from fullscale.loss import num_label_tokens, token_loss_sum
 
-    n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)   # on the host
+    n_tokens = sum(num_label_tokens(b["labels"]) for b in micro)   # on the host
     for batch in micro:
         if device is not None:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

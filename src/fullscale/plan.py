@@ -447,21 +447,17 @@ class Sharding:
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Sharding:
-        """What `accelerate launch` told this process (its environment variables)."""
-        env = os.environ if env is None else env
+        """What `accelerate launch` told this process (its environment variables), read as
+        training reads them (fullscale.sharding, fullscale.zero)."""
+        from fullscale import sharding, zero
 
-        def on(key: str) -> bool:
-            return env.get(key, "").lower() in ("true", "1", "yes")
-
-        if on("ACCELERATE_USE_FSDP") or on("FULLSCALE_USE_FSDP"):
-            offload = on("FSDP_OFFLOAD_PARAMS")
-            return cls("fsdp", offload_params=offload, offload_optimizer=offload)
-        if on("ACCELERATE_USE_DEEPSPEED") or on("FULLSCALE_USE_DEEPSPEED"):
-            stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-            return cls("zero3" if stage == "3" else "zero2" if stage == "2" else "ddp",
-                       offload_params=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("none", ""),
-                       offload_optimizer=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
-                       not in ("none", ""))
+        fsdp = sharding.requested(env)
+        if fsdp is not None:
+            return cls("fsdp", offload_params=fsdp.offload, offload_optimizer=fsdp.offload)
+        ds = zero.requested(env)
+        if ds is not None:
+            return cls({3: "zero3", 2: "zero2"}.get(ds.stage, "ddp"), offload_params=ds.offload_params != "none",
+                       offload_optimizer=ds.offload_optimizer != "none")
         return cls()
 
     @classmethod

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -38,19 +38,21 @@ class FSDPSettings:
                 f"{'' if self.reshard_after_forward else ', not resharded after forward'}")
 
 
-def _flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
+def env_flag(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    """A boolean launch variable as accelerate writes them ("true", "1", ...)."""
+    value = env.get(name)
     return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
-def requested() -> FSDPSettings | None:
+def requested(env: Mapping[str, str] | None = None) -> FSDPSettings | None:
     """The FSDP settings of this launch (accelerate's environment variables), or None."""
-    if not (_flag("ACCELERATE_USE_FSDP") or _flag("FULLSCALE_USE_FSDP")):
+    env = os.environ if env is None else env
+    if not (env_flag(env, "ACCELERATE_USE_FSDP") or env_flag(env, "FULLSCALE_USE_FSDP")):
         return None
-    classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
-    return FSDPSettings(version=int(os.environ.get("FSDP_VERSION", "1") or 1),
-                        offload=_flag("FSDP_OFFLOAD_PARAMS"),
-                        reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
+    classes = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
+    return FSDPSettings(version=int(env.get("FSDP_VERSION", "1") or 1),
+                        offload=env_flag(env, "FSDP_OFFLOAD_PARAMS"),
+                        reshard_after_forward=env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
                         not in ("false", "0", "no", "off", "shard_grad_op", "no_shard"),
                         layer_classes=[c.strip() for c in classes.split(",") if c.strip()])
 

@@ -32,7 +32,7 @@ from fullscale.early_stop import EarlyStopping
 from fullscale.errors import ConfigError, DiskSpaceError
 from fullscale.evaluate import EvalResult, evaluate
 from fullscale.health import HealthEvent, HealthMonitor
-from fullscale.loss import IGNORE_INDEX, LabelledHead, token_loss_sum
+from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
@@ -208,9 +208,9 @@ class Run:
     total_steps: int
     run_dir: Path
     num_workers: int
+    head: LabelledHead                 # logits only at labelled positions (see fullscale.loss)
     eval_seconds: float = 0.0
     fit_seconds: float = 0.0
-    head: LabelledHead | None = None   # logits only at labelled positions (see fullscale.loss)
     sharded: bool = False              # FSDP: parameters and optimizer states are sharded (fullscale.sharding)
     deepspeed: bool = False            # model is a DeepSpeed engine, optimizer its ZeRO optimizer (fullscale.zero)
     _time_base: float = field(default_factory=time.perf_counter)
@@ -345,7 +345,7 @@ class Run:
 
     def save_adapter(self, directory: Path, adapter: dict[str, torch.Tensor] | None) -> None:
         """adapter_model.safetensors + adapter_config.json, as peft writes them (from the gathered
-        full tensors under FSDP)."""
+        full tensors under FSDP or DeepSpeed)."""
         model = self.accelerator.unwrap_model(self.model)
         if adapter is None:
             model.save_pretrained(directory)
@@ -414,13 +414,13 @@ class Run:
         unwrapped = self.accelerator.unwrap_model(self.model)
         weights = safetensors.torch.load_file(str(path / "adapter_model.safetensors"))
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        names = [n for n, p in unwrapped.named_parameters() if p.requires_grad]
-        if self.sharded:
-            sharding.load_trainable_state(unwrapped, {n: weights[sharding.adapter_key(n)] for n in names})
-            sharding.load_optimizer_state(self.optimizer, optimizer_state)
-        elif self.deepspeed:
-            zero.load_state(self.model, self.optimizer, {n: weights[sharding.adapter_key(n)] for n in names},
-                            optimizer_state)
+        if self.sharded or self.deepspeed:   # full tensors by parameter name; each rank keeps its part
+            full = {n: weights[sharding.adapter_key(n)] for n, p in unwrapped.named_parameters() if p.requires_grad}
+            if self.sharded:
+                sharding.load_trainable_state(unwrapped, full)
+                sharding.load_optimizer_state(self.optimizer, optimizer_state)
+            else:
+                zero.load_state(self.model, self.optimizer, full, optimizer_state)
         else:
             peft.set_peft_model_state_dict(unwrapped, weights)
             self.optimizer.load_state_dict(optimizer_state)
@@ -741,7 +741,7 @@ def fit(run: Run) -> str:
             # the label tokens of the whole window across all ranks (independent of the split).
             n_micro = min(accum, len(batches) - state.micro_in_epoch)
             window = [next(it) for _ in range(n_micro)]
-            n_tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in window)),
+            n_tokens = torch.tensor(float(sum(num_label_tokens(b["labels"]) for b in window)),
                                     device=device)
             if world > 1:
                 n_tokens = acc.reduce(n_tokens, reduction="sum")
@@ -752,7 +752,7 @@ def fit(run: Run) -> str:
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 last = i == n_micro - 1
                 with run.accumulating(last):
-                    with run.head.only_labelled(batch["labels"]) if run.head else contextlib.nullcontext():
+                    with run.head.only_labelled(batch["labels"]):
                         logits = model(**model_inputs(batch), use_cache=False).logits  # (N labelled, V)
                     loss_sum, _ = token_loss_sum(logits, batch["labels"])
                     if faults.active("nan"):

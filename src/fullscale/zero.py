@@ -26,11 +26,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from fullscale.errors import ConfigError
+from fullscale.sharding import env_flag
 
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
@@ -52,15 +53,11 @@ class ZeroSettings:
             f", {' and '.join(off)} offloaded to CPU" if off else "")
 
 
-def _on(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def requested() -> ZeroSettings | None:
+def requested(env: Mapping[str, str] | None = None) -> ZeroSettings | None:
     """The DeepSpeed settings of this launch (accelerate's environment variables), or None."""
-    if not (_on("ACCELERATE_USE_DEEPSPEED") or _on("FULLSCALE_USE_DEEPSPEED")):
+    env = os.environ if env is None else env
+    if not (env_flag(env, "ACCELERATE_USE_DEEPSPEED") or env_flag(env, "FULLSCALE_USE_DEEPSPEED")):
         return None
-    env = os.environ
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2").strip() or "2"
     return ZeroSettings(stage=int(stage) if stage.isdigit() else -1,
                         offload_optimizer=env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none").lower() or "none",
