@@ -83,11 +83,47 @@ def _resume_parser(p):
     p.add_argument("run_dir")
 
 
+class _SurvivingStream:
+    """stdout/stderr that outlive their reader: when a pipe's reader is gone (`| tee` killed by the
+    same Ctrl-C), output is dropped instead of raising BrokenPipeError into the save that follows."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text):
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except (BrokenPipeError, OSError):
+                self._break()
+        return len(text)
+
+    def flush(self):
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, OSError):
+                self._break()
+
+    def _break(self):
+        self._broken = True
+        try:   # interpreter shutdown flushes the real stream too: point it at /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _run_training(config, *, demo: bool) -> int:
     from fullscale.train import train
 
     from fullscale.preemption import EXIT_PREEMPTED
 
+    if not isinstance(sys.stdout, _SurvivingStream):
+        sys.stdout, sys.stderr = _SurvivingStream(sys.stdout), _SurvivingStream(sys.stderr)
     result = train(config)
     if result["stop_reason"] == "preempted":
         return EXIT_PREEMPTED
@@ -387,8 +423,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     _quiet_libraries()
     _, run = COMMANDS[args.command]
+    from fullscale.preemption import EXIT_PREEMPTED, StartupInterrupted
+
     try:
         return run(args)
+    except StartupInterrupted as exc:
+        print(f"fullscale: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UserError as exc:
         if args.debug:
             traceback.print_exc()

@@ -36,7 +36,7 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 AUTO_BOOL = ("auto", True, False)
 REPORT_TO = ("tensorboard", "none")
 INVALID_ROWS = ("skip", "error")
-RESUME = ("auto", "never")
+RESUME = ("auto", "never", "restart")
 HEALTH_ACTIONS = ("warn", "skip", "rollback", "abort")
 
 
@@ -91,7 +91,7 @@ class Config:
     early_stopping_patience: int = _key(3, "stop after this many evaluations without improvement (0 disables)")
     early_stopping_min_delta: float = _key(0.001, "an eval loss must beat the best by more than this to count")
     eval_time_budget: float = _key(0.2, "warn when evaluation takes more than this share of the wall time")
-    resume: str = _key("auto", "auto: continue from the newest valid checkpoint in output_dir; never: refuse to reuse a run directory", RESUME)
+    resume: str = _key("auto", "auto: continue from the newest valid checkpoint in output_dir; never: refuse to reuse a run directory; restart: move a previous run into output_dir/previous-<time>/ and start from step 0 (give it once, on the command line)", RESUME)
     force_resume: bool = _key(False, "resume even though the model, data or settings changed (the run is then no longer exact)")
     # --- health checks (see health.py for each rule) ---
     health_window: int = _key(50, "steps of history for the robust (median/MAD) spike and gradient rules")

@@ -15,9 +15,26 @@ import threading
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again"; a requeue script can test for it
 
 
+class StartupInterrupted(BaseException):
+    """A signal came during start-up (model loading, tokenizing): nothing to save yet, exit 75.
+    A BaseException, so no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return (f"{signal.Signals(self.signum).name} received during start-up, before the first step: nothing to save "
+                "yet. Run the same command again to start (a scheduler can requeue on exit code 75)")
+
+
 class PreemptionFlag:
+    """The signal handler. During start-up (`starting`) a signal stops at once with
+    StartupInterrupted; once the loop runs it only sets the flag the loop checks at step boundaries."""
+
     def __init__(self):
         self.signum: int | None = None
+        self.starting = True
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -27,6 +44,8 @@ class PreemptionFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.starting:
+            raise StartupInterrupted(signum)
         if self.signum is None:
             self.signum = signum
             name = signal.Signals(signum).name

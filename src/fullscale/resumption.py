@@ -117,23 +117,42 @@ def refuse(run_dir: Path, breaking: list[str]) -> ConfigError:
 
 def prepare_run_dir(config: Config, manager: ckpt.CheckpointManager,
                     say: Callable[[str], None]) -> ckpt.CheckpointInfo | None:
-    """Main process only: clean leftovers, choose the checkpoint to resume from (or none)."""
+    """Main process only, with the run lock held: clean leftovers, choose the checkpoint to resume
+    from (or none). Never deletes or replaces a previous run's results: a directory holding results
+    but no checkpoint to resume is refused unless `resume: restart` moves the old run aside."""
+    from fullscale import rundir
+
     run_dir = manager.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     for note in manager.cleanup():
         say(note)
-    if not manager.checkpoint_dirs():
+    if config.resume == "restart":
+        rundir.move_aside(run_dir, say)
         return None
-    if config.resume == "never":
-        steps = [s for s, _ in manager.checkpoint_dirs()]
+    results = rundir.previous_results(run_dir)
+    steps = [s for s, _ in manager.checkpoint_dirs()]
+    if config.resume == "never" and (steps or results or (run_dir / "config.yaml").exists()):
+        held = f"checkpoints at steps {steps}" if steps else ", ".join(results) or "the start of a run"
         raise ConfigError(
-            f"output_dir {run_dir} already holds a run (checkpoints at steps {steps}) and resume is 'never'; "
-            "choose another output_dir for a fresh run, or set resume: auto to continue this one "
-            "(fullscale never deletes a run to start over)")
-    info = manager.newest_verified(say=say)
-    if info is None:
-        say(f"{run_dir}: no valid checkpoint left; starting from step 0")
-    return info
+            f"output_dir {run_dir} already holds a run ({held}) and resume is 'never'; choose another output_dir "
+            "for a fresh run, set resume: auto to continue this one, or resume: restart to move it into "
+            f"{run_dir}/previous-<time>/ and start over (fullscale never deletes a run to start over)")
+    if steps:
+        info = manager.newest_verified(say=say)
+        if info is not None:
+            return info
+        raise ConfigError(
+            f"output_dir {run_dir}: no checkpoint verifies (each was set aside as checkpoint-N.invalid-<time>, "
+            "see the lines above), and fullscale does not silently start such a run over from step 0. Run again "
+            "with resume=restart to move the old run into previous-<time>/ and start from step 0, or use another "
+            "output_dir")
+    same_keys = EXACTNESS_KEYS + ("model_name_or_path", "train_file", "eval_file")
+    same_run = lambda saved: all(saved.get(k) == getattr(config, k) for k in same_keys)  # noqa: E731
+    if results and not rundir.interrupted_start(run_dir, same_run):
+        raise ConfigError(
+            f"output_dir {run_dir} holds the results of a previous run ({', '.join(results)}) but no checkpoint to "
+            "resume from; a fresh start would replace them. Run again with resume=restart to move them into "
+            f"{run_dir}/previous-<time>/ and start from step 0, or choose another output_dir")
+    return None
 
 
 def truncate_metrics(run_dir: Path, step: int, *, keep_events: tuple[str, ...] = (), eval_redone: bool = False) -> int:

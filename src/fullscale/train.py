@@ -29,7 +29,7 @@ from fullscale import faults, sampler
 from fullscale import resumption as resuming
 from fullscale.config import Config, effective_early_stopping
 from fullscale.early_stop import EarlyStopping
-from fullscale.errors import ConfigError, DiskSpaceError
+from fullscale.errors import ConfigError, DiskSpaceError, UserError
 from fullscale.evaluate import EvalResult, evaluate
 from fullscale.health import HealthEvent, HealthMonitor
 from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_loss_sum
@@ -213,6 +213,7 @@ class Run:
     fit_seconds: float = 0.0
     sharded: bool = False              # FSDP: parameters and optimizer states are sharded (fullscale.sharding)
     deepspeed: bool = False            # model is a DeepSpeed engine, optimizer its ZeRO optimizer (fullscale.zero)
+    run_lock: Any = None               # the main process's lock on run_dir (fullscale.rundir.RunLock)
     _time_base: float = field(default_factory=time.perf_counter)
 
     @property
@@ -233,6 +234,8 @@ class Run:
         import socket
 
         s = self.state
+        if self.run_lock is not None:
+            self.run_lock.heartbeat()
         write_json(self.run_dir / "status.json", {
             "phase": phase, "pid": os.getpid(), "host": socket.gethostname(), "updated": time.time(),
             "step": s.step, "total_steps": self.total_steps, "epoch": values.pop("epoch", s.epoch),
@@ -425,6 +428,17 @@ class Run:
             peft.set_peft_model_state_dict(unwrapped, weights)
             self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        saved_lr = (saved.get("config") or {}).get("learning_rate")
+        if saved_lr and saved_lr != self.config.learning_rate:
+            # force_resume with another learning_rate: the schedule continues at the new peak (the
+            # optimizer and scheduler states carry the old one).
+            factor = self.config.learning_rate / saved_lr
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            self.scheduler._last_lr = [lr * factor for lr in self.scheduler.get_last_lr()]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+                if "initial_lr" in group:
+                    group["initial_lr"] *= factor
         rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=True))
@@ -479,10 +493,58 @@ class Run:
 
 # ----------------------------------------------------------------------------- train
 
-def train(config: Config, *, stream=None) -> dict[str, Any]:
-    """Run (or resume) the training described by `config`; returns the training result."""
+class MainProcessError(UserError):
+    """What the main process reported to the other ranks when a decision it takes alone failed."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def on_main(accelerator, decide):
+    """Run `decide()` on the main process only and give its result to every rank. An error there is
+    raised on every rank (the original on the main process), so no rank waits in a collective for a
+    process that already failed."""
     from accelerate.utils import broadcast_object_list
 
+    box: list[Any] = [None, None]
+    error: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            box[0] = decide()
+        except BaseException as exc:   # noqa: BLE001 - re-raised below, after the other ranks know
+            error = exc
+            code = exc.exit_code if isinstance(exc, UserError) else 1
+            box[1] = (str(exc) if isinstance(exc, UserError) else
+                      f"the main process failed: {type(exc).__name__}: {exc}", code)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise MainProcessError(*box[1])
+    return box[0]
+
+
+def train(config: Config, *, stream=None) -> dict[str, Any]:
+    """Run (or resume) the training described by `config`; returns the training result.
+
+    From its first line a SIGTERM/SIGINT stops cleanly: during start-up with StartupInterrupted
+    (nothing to save yet), in the loop after the step with a checkpoint. The main process holds the
+    run directory's lock (fullscale.rundir) until it returns."""
+    preemption = PreemptionFlag()
+    preemption.install()
+    lock: list[Any] = []
+    try:
+        return _train(config, stream=stream, preemption=preemption, lock=lock)
+    finally:
+        preemption.restore()
+        for held in lock:
+            held.release()
+
+
+def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) -> dict[str, Any]:
+    from fullscale import rundir
     from fullscale.data import prepare_data
 
     # 1. Processes and device.
@@ -498,43 +560,28 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     manager = ckpt.CheckpointManager(run_dir, save_total_limit=config.save_total_limit)
     console = Monitor(run_dir, enabled=is_main, tensorboard=False, total_steps=0, stream=stream, files=False)
 
-    # 2. Run directory: leftovers, and the checkpoint to resume from (decided once, on rank 0).
-    decision: list[Any] = [None, None]
-    if is_main:
-        try:
-            info = resuming.prepare_run_dir(config, manager, console.print)
-            decision[0] = str(info.path) if info else None
-        except ConfigError as exc:
-            decision[1] = exc.problems
-    if world > 1:
-        broadcast_object_list(decision)
-    if decision[1]:
-        raise ConfigError(decision[1])
-    resume_path = Path(decision[0]) if decision[0] else None
+    # 2. Run directory, decided once on the main process: ours (or refused), locked for this run,
+    # leftovers cleaned, and the checkpoint to resume from (or none).
+    def decide_run_dir() -> str | None:
+        rundir.claim(run_dir)
+        lock.append(rundir.RunLock(run_dir).acquire())
+        info = resuming.prepare_run_dir(config, manager, console.print)
+        return str(info.path) if info else None
+
+    resume_path = on_main(accelerator, decide_run_dir)
+    resume_path = Path(resume_path) if resume_path else None
     saved = ckpt.load_state(resume_path) if resume_path else None
 
     # 2b. Memory plan from config.json (no weights): refuse a run that cannot fit before loading anything.
-    from fullscale.errors import ModelError
     from fullscale.plan import check_plan, pin_cpu_allocator
 
-    planned: list[Any] = [None, None, False]   # config problems, model error, pin the CPU allocator
-    if is_main:
-        try:
-            plan = check_plan(config, num_processes=world, device=device)
-            planned[2] = plan.pin_allocator
-            console.print(f"memory plan: peak {plan.memory.peak / 2**30:.2f} GB of {plan.usable / 2**30:.2f} GB "
-                          f"usable per process ({plan.memory_source}); `fullscale plan` shows every row")
-        except ConfigError as exc:
-            planned[0] = exc.problems
-        except ModelError as exc:
-            planned[1] = str(exc)
-    if world > 1:
-        broadcast_object_list(planned)
-    if planned[0]:
-        raise ConfigError(planned[0])
-    if planned[1]:
-        raise ModelError(planned[1])
-    if planned[2]:
+    def decide_plan() -> bool:
+        plan = check_plan(config, num_processes=world, device=device)
+        console.print(f"memory plan: peak {plan.memory.peak / 2**30:.2f} GB of {plan.usable / 2**30:.2f} GB "
+                      f"usable per process ({plan.memory_source}); `fullscale plan` shows every row")
+        return plan.pin_allocator
+
+    if on_main(accelerator, decide_plan):
         pin_cpu_allocator()  # glibc's heap could outgrow the RAM: freed tensors go back to the OS
 
     # 3. Seed, tokenizer, data, model, optimizer, scheduler: in dependency order.
@@ -608,12 +655,12 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
                       total_steps=total_steps, stream=stream, purge_step=resume_step + 1 if resume_path else None)
     run = Run(config=config, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, data=data, stopper=stopper, state=TrainState(), monitor=monitor,
-              manager=manager, preemption=PreemptionFlag(), fingerprints=fps, total_steps=total_steps,
+              manager=manager, preemption=preemption, fingerprints=fps, total_steps=total_steps,
               health=HealthMonitor(config, total_steps=total_steps,
                                    warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
               run_dir=run_dir, num_workers=resolve_num_workers(config, device, world),
               head=LabelledHead(accelerator.unwrap_model(model)), sharded=fsdp is not None,
-              deepspeed=deepspeed is not None)
+              deepspeed=deepspeed is not None, run_lock=lock[0] if lock else None)
 
     # 5. Resume: adapter, optimizer, scheduler, RNG, data position, early stopping.
     if resume_path is not None:
@@ -641,19 +688,24 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
 
     # 6. Train.
     finished = saved.get("stop_reason") if saved else None
+    if finished == "health_abort" and config.force_resume:
+        run.say(f"continuing the run a health check stopped at step {run.state.step} (force_resume), from the state "
+                "before the bad update")
+        finished = None
     if finished and finished != "preempted":
-        run.say(f"this run already finished ({finished} at step {run.state.step}); nothing to do")
+        how = (" To continue it from the state before the bad update, change what caused it (e.g. a lower "
+               "learning_rate) and add force_resume=true" if finished == "health_abort" else "")
+        run.say(f"this run already finished ({finished} at step {run.state.step}); nothing to do.{how}")
         stop_reason = finished
     else:
         run.write_status("starting")
-        run.preemption.install()
+        run.preemption.starting = False   # from here a signal finishes the step and saves
         try:
             stop_reason = fit(run)
         except BaseException as exc:
-            run.write_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
+            with contextlib.suppress(Exception):   # best effort: the disk may be what failed
+                run.write_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
             raise
-        finally:
-            run.preemption.restore()
 
     # 7. The result.
     result = finish(run, stop_reason)
@@ -701,8 +753,8 @@ def fit(run: Run) -> str:
                     stop_reason = "health_abort"
             if run.stopper.should_stop and stop_reason is None:
                 stop_reason = "early_stopping"
-            if run.preemption.agreed(acc, device):  # a signal during evaluation
-                stop_reason = "preempted"
+            if run.preemption.agreed(acc, device) and stop_reason is None:  # a signal during evaluation
+                stop_reason = "preempted"   # a stop this step already decided is never replaced
         if save or step % config.save_steps == 0 or stop_reason is not None:
             run.save_checkpoint(step, log_losses, log_tokens, stop_reason, eval_losses)
         return stop_reason
@@ -786,8 +838,8 @@ def fit(run: Run) -> str:
                 action = "skip"
                 run.say(f"no checkpoint to roll back to at step {step}; the update is skipped instead")
             if action == "abort":
-                rows = sorted(run.data.train[i]["row"] for b in batches[state.micro_in_epoch:state.micro_in_epoch + n_micro]
-                              for i in b)
+                rows = sorted(row for b in batches[state.micro_in_epoch:state.micro_in_epoch + n_micro] for i in b
+                              for row in run.data.train[i].get("rows") or [run.data.train[i]["row"]])  # packed: rows
                 run.say(f"health abort at step {step}: {events[-1].message}. Batch rows: {rows}. "
                         f"Recent losses: {[round(x, 4) for x in list(run.health.losses)[-8:]]}; recent grad norms: "
                         f"{[round(x, 4) for x in list(run.health.grad_norms)[-8:]]}")
@@ -849,8 +901,8 @@ def fit(run: Run) -> str:
             # Stop? (the end of the schedule, or a preemption signal on any rank)
             if step >= run.total_steps and stop_reason is None:
                 stop_reason = end
-            if run.preemption.agreed(acc, device):
-                stop_reason = "preempted"
+            if run.preemption.agreed(acc, device) and stop_reason is None:
+                stop_reason = "preempted"   # a decided stop (end, early stopping, health) is kept
             t0 = time.perf_counter()
             stop_reason = after_step(step, stop_reason)
             log_start += time.perf_counter() - t0  # evaluation and saving are not training throughput
