@@ -9,6 +9,7 @@ removes the best checkpoint, and never leaves fewer than one valid checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -79,7 +80,9 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
     If `final` exists it is replaced (the old one moved aside first, then deleted).
     """
     entries = {}
+    mode = 0o666 & ~_umask()
     for f in _files(staging):
+        os.chmod(f, mode)   # some writers (safetensors) create 0600 files: the umask decides, as for any file
         fsync_file(f)
         entries[str(f.relative_to(staging))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         faults.hit("save_file")
@@ -91,6 +94,7 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
         json.dump(body, fh, indent=2)
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(staging, 0o777 & ~_umask())
     fsync_dir(staging)
     faults.hit("before_rename")
     old = None
@@ -105,6 +109,12 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def staging_dir(parent: Path, name: str) -> Path:
     path = parent / f"{STAGING_PREFIX}{name}-{os.getpid()}"
     if path.exists():
@@ -113,8 +123,76 @@ def staging_dir(parent: Path, name: str) -> Path:
     return path
 
 
-def verify_directory(path: Path) -> str | None:
-    """None when `path` matches its manifest; otherwise the reason, in a few words."""
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+# How torch.save (RuntimeError) and safetensors (SafetensorError) report the same failures.
+_DISK_WORDS = ("no space", "storagefull", "quota", "file too large", "filetoolarge", "read-only", "readonly",
+               "permission denied", "write failed", "unexpected pos", "code: 28", "code: 27", "code: 30", "code: 122")
+
+
+def is_disk_error(exc: BaseException, *, where: Path | None = None, needed: int = 0) -> bool:
+    """True when `exc` is a write that failed because of the disk (full, quota, size limit,
+    read-only, permissions), whichever library raised it. torch.save and safetensors do not always
+    say why a write failed, so for their errors the directory `where` is probed: too little free
+    space for `needed` bytes, or a 1 MiB test write that fails, means the disk."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_ERRNOS
+    if not (isinstance(exc, RuntimeError) or type(exc).__name__ == "SafetensorError"):
+        return False
+    text = str(exc).lower()
+    if any(w in text for w in _DISK_WORDS):
+        return True
+    if where is None or not where.is_dir():
+        return False
+    if needed and shutil.disk_usage(where).free < needed:
+        return True
+    probe = where / f".fullscale-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * (1 << 20))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError:
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return False
+
+
+def disk_error(path: Path, exc: BaseException, *, what: str, needed: int = 0) -> DiskSpaceError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+    free = shutil.disk_usage(path).free if path.exists() else None
+    need = f"about {needed:,} bytes needed" if needed else "space for it needed"
+    have = f", {free:,} bytes free" if free is not None else ""
+    return DiskSpaceError(
+        f"cannot write {what} in {path}: {reason} ({need}{have}). Every committed checkpoint is intact; fix the "
+        "disk (free space, quota, ulimit -f, permissions) and run the same command again to resume")
+
+
+def write_staged(parent: Path, name: str, write: Callable[[Path], None], *, manifest: dict[str, Any],
+                 needed: int = 0, what: str | None = None) -> Path:
+    """`write(staging)`, then commit it as parent/name (commit_directory). A failure of the disk
+    raises DiskSpaceError naming the path and the bytes needed; the staging directory is removed
+    whatever happens, and an existing parent/name stays as it was."""
+    final = parent / name
+    staging = None
+    try:
+        staging = staging_dir(parent, name)
+        write(staging)
+        faults.hit("enospc")
+        commit_directory(staging, final, manifest=manifest)
+    except BaseException as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if is_disk_error(exc, where=parent, needed=needed):
+            raise disk_error(parent, exc, what=what or name, needed=needed) from None
+        raise
+    return final
+
+
+def verify_directory(path: Path, *, required: tuple[str, ...] = ()) -> str | None:
+    """None when `path` matches its manifest (and the manifest lists every `required` file);
+    otherwise the reason, in a few words."""
     mpath = path / MANIFEST
     if not mpath.is_file():
         return "no manifest.json (incomplete save)"
@@ -123,6 +201,13 @@ def verify_directory(path: Path) -> str | None:
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"unreadable manifest.json ({exc})"
+    if not isinstance(files, dict) or not all(
+            isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
+            for m in files.values()):
+        return "manifest.json is malformed (its files are not a mapping of name to size and sha256)"
+    missing = [name for name in required if name not in files]
+    if missing:
+        return f"manifest.json does not list {', '.join(missing)}"
     for rel, meta in files.items():
         f = path / rel
         if not f.is_file():
@@ -133,6 +218,43 @@ def verify_directory(path: Path) -> str | None:
         if sha256_file(f) != meta["sha256"]:
             return f"{rel} content does not match its SHA-256 in manifest.json"
     return None
+
+
+# The files a resume reads; a checkpoint without one of them, or one that does not load, is not usable.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt",
+                    "rng_state_0.pt", STATE)
+
+
+def unloadable(path: Path) -> str | None:
+    """None when every file a resume reads loads (a manifest can describe garbage faithfully);
+    otherwise the reason."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((path / STATE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("train_state"), dict) \
+                or not isinstance(state.get("config"), dict):
+            return f"{STATE} does not hold a fullscale training state"
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"{STATE} cannot be read ({_first_line(exc)})"
+    try:
+        json.loads((path / "adapter_config.json").read_text())
+        with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways
+        return f"the adapter does not load ({_first_line(exc)})"
+    for name in ("optimizer.pt", "scheduler.pt", *sorted(p.name for p in path.glob("rng_state_*.pt"))):
+        try:
+            torch.load(path / name, weights_only=True, map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            return f"{name} does not load ({_first_line(exc)})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -184,9 +306,11 @@ class CheckpointManager:
             if info.valid is not False:
                 try:
                     info.state = json.loads((path / STATE).read_text())
+                    if not isinstance(info.state, dict):
+                        raise ValueError("not a mapping")
                     info.eval_loss = info.state.get("last_eval_loss")
-                except (OSError, ValueError):
-                    info.valid, info.reason = False, f"{STATE} unreadable"
+                except (OSError, ValueError, UnicodeDecodeError):
+                    info.valid, info.reason, info.state = False, f"{STATE} unreadable", {}
             infos.append(info)
         return infos
 
@@ -243,7 +367,8 @@ class CheckpointManager:
     def newest_verified(self, *, say: Callable[[str], None] = print) -> CheckpointInfo | None:
         """The newest checkpoint that verifies; each newer one that fails is set aside with a message."""
         for info in reversed(self.list()):
-            reason = info.reason if info.valid is False else verify_directory(info.path)
+            reason = info.reason if info.valid is False else (
+                verify_directory(info.path, required=CHECKPOINT_FILES) or unloadable(info.path))
             if reason is None:
                 info.valid = True
                 return info
@@ -252,45 +377,33 @@ class CheckpointManager:
         return None
 
     # -- saving
-    def check_free_space(self) -> None:
-        """Refuse to start a save that cannot fit: the next checkpoint is about as large as the last."""
+    def check_free_space(self, *, estimate: int = 0) -> None:
+        """Refuse to start a save that cannot fit: the next checkpoint is about as large as the last
+        (or `estimate` bytes for the first one)."""
         last = self.latest()
-        if last is None:
+        size = last.size if last is not None else estimate
+        if not size:
             return
-        needed = int(last.size * 1.1) + (1 << 20)
+        needed = int(size * 1.1) + (1 << 20)
         free = shutil.disk_usage(self.run_dir).free
         if free < needed:
+            what = f"the last checkpoint took {last.size:,}" if last else "the estimated size of a checkpoint"
             raise DiskSpaceError(
                 f"not enough disk space to save a checkpoint in {self.run_dir}: {free:,} bytes free, about "
-                f"{needed:,} needed (the last checkpoint took {last.size:,}). Every committed checkpoint is intact; "
-                f"free space (or lower save_total_limit) and run the same command again to resume")
+                f"{needed:,} needed ({what}). Every committed checkpoint is intact; free space (or lower "
+                "save_total_limit) and run the same command again to resume")
 
-    def save(self, step: int, write: Callable[[Path], None], *, manifest: dict[str, Any]) -> Path:
+    def save(self, step: int, write: Callable[[Path], None], *, manifest: dict[str, Any], estimate: int = 0) -> Path:
         """Write checkpoint-<step> crash-safely; `write(dir)` puts the files into the staging dir.
 
-        A full or read-only disk stops with DiskSpaceError; the staging directory is removed and
-        every committed checkpoint stays as it was.
+        A full or read-only disk (or a file-size limit) stops with DiskSpaceError; the staging
+        directory is removed and every committed checkpoint stays as it was.
         """
-        self.check_free_space()
-        final = self.run_dir / f"checkpoint-{step}"
-        staging = None
-        try:
-            staging = staging_dir(self.run_dir, final.name)
-            write(staging)
-            faults.hit("enospc")
-            commit_directory(staging, final, manifest={"step": step, **manifest})
-        except OSError as exc:
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
-                last = self.latest()
-                need = f"about {last.size:,} bytes" if last else "space for one checkpoint"
-                raise DiskSpaceError(
-                    f"cannot write checkpoint-{step} in {self.run_dir}: {exc.strerror} ({need} needed). "
-                    "Every committed checkpoint is intact; fix the disk (free space, permissions) and run the "
-                    "same command again to resume") from None
-            raise
-        return final
+        self.check_free_space(estimate=estimate)
+        last = self.latest()
+        need = last.size if last is not None else estimate
+        return write_staged(self.run_dir, f"checkpoint-{step}", write, manifest={"step": step, **manifest},
+                            needed=need, what=f"checkpoint-{step}")
 
     def rotate(self, *, best_step: int | None) -> list[int]:
         """Delete the oldest checkpoints beyond save_total_limit, keeping the best; returns removed steps."""

@@ -134,7 +134,14 @@ class Monitor:
             return
         record = {"event": kind, "step": step, "time": round(time.time(), 3)}
         record.update({k: _jsonable(v) for k, v in values.items()})
-        self._jsonl.write(json.dumps(record) + "\n")
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            from fullscale.checkpoint import disk_error, is_disk_error
+
+            if is_disk_error(exc):
+                raise disk_error(self.run_dir, exc, what="metrics.jsonl") from None
+            raise
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -182,9 +189,17 @@ class Monitor:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump({k: _jsonable(v) for k, v in data.items()}, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump({k: _jsonable(v) for k, v in data.items()}, fh, indent=2, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        from fullscale.checkpoint import disk_error, is_disk_error
+
+        if is_disk_error(exc):
+            raise disk_error(path.parent, exc, what=path.name) from None
+        raise

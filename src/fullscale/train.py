@@ -16,6 +16,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -275,15 +277,35 @@ class Run:
         """best_model/: adapter + tokenizer of the best eval loss, replaced atomically. Every rank
         calls it (under FSDP or DeepSpeed the adapter is gathered); rank 0 writes."""
         adapter = self.gathered_adapter()
-        if not self.is_main:
-            return
-        staging = ckpt.staging_dir(self.run_dir, "best_model")
-        self.save_adapter(staging, adapter)
-        self.tokenizer.save_pretrained(staging)
-        ckpt.commit_directory(staging, self.run_dir / "best_model",
-                              manifest={"step": step, "eval_loss": eval_loss,
-                                        "provenance": {"base_model": resolve_model_path(self.config),
-                                                       "fingerprints": self.fingerprints}})
+        error: list[str | None] = [None]
+
+        def write(d: Path) -> None:
+            self.save_adapter(d, adapter)
+            self.tokenizer.save_pretrained(d)
+
+        if self.is_main:
+            try:
+                ckpt.write_staged(self.run_dir, "best_model", write, what="best_model/", needed=self.adapter_bytes(),
+                                  manifest={"step": step, "eval_loss": eval_loss,
+                                            "provenance": {"base_model": resolve_model_path(self.config),
+                                                           "fingerprints": self.fingerprints}})
+            except DiskSpaceError as exc:
+                error[0] = str(exc)
+        self.raise_together(error)
+
+    def raise_together(self, error: list[str | None]) -> None:
+        """A disk failure of the main process's write stops every rank (none waits on a dead writer)."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(error)
+        if error[0]:
+            raise DiskSpaceError(error[0])
+
+    def adapter_bytes(self) -> int:
+        """Bytes of the trainable parameters (an adapter file; a checkpoint adds two AdamW moments)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return sum(p.numel() * 4 for p in unwrapped.parameters() if p.requires_grad)
 
     def gathered_adapter(self) -> dict[str, torch.Tensor] | None:
         """The full adapter from its shards or partitions (a collective), or None where the model
@@ -389,18 +411,14 @@ class Run:
             t0 = time.perf_counter()
             try:
                 path = self.manager.save(step, write, manifest={"config_fingerprint": self.fingerprints["config"],
-                                                                "versions": _versions()})
+                                                                "versions": _versions()},
+                                         estimate=3 * self.adapter_bytes() + (1 << 16))
                 removed = self.manager.rotate(best_step=self.stopper.best_step)
                 self.monitor.event("checkpoint", step, path=path.name, size_bytes=ckpt.dir_size(path),
                                    removed=removed, seconds=time.perf_counter() - t0, stop_reason=stop_reason)
             except DiskSpaceError as exc:
                 error[0] = str(exc)
-        if acc.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-
-            broadcast_object_list(error)  # every rank stops together, none waits on a dead writer
-        if error[0]:
-            raise DiskSpaceError(error[0])
+        self.raise_together(error)
 
     def reduce_tokens(self, tokens: int) -> int:
         """Sum a host-side count over ranks."""
@@ -534,6 +552,10 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
     run directory's lock (fullscale.rundir) until it returns."""
     preemption = PreemptionFlag()
     preemption.install()
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # Past `ulimit -f` a write then fails with EFBIG (reported, the save cleaned up) instead of
+        # the default action: killing the process mid-save.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     lock: list[Any] = []
     try:
         return _train(config, stream=stream, preemption=preemption, lock=lock)
@@ -644,7 +666,12 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     resume_step = saved["train_state"]["step"] if saved else 0
     reached = resume_step
     if is_main:
-        (run_dir / "config.yaml").write_text(config.to_yaml())
+        try:
+            (run_dir / "config.yaml").write_text(config.to_yaml())
+        except OSError as exc:
+            if ckpt.is_disk_error(exc):
+                raise ckpt.disk_error(run_dir, exc, what="config.yaml") from None
+            raise
         if resume_path is None:
             for stale in ("metrics.jsonl", "training_result.json"):
                 (run_dir / stale).unlink(missing_ok=True)
