@@ -75,12 +75,16 @@ def cmd_resume(args) -> int:
     if not cfg.is_file():
         raise CheckpointError(f"{run_dir} is not a fullscale run directory (no config.yaml); "
                               "give the output_dir of a run started with fullscale train")
-    config = load_config(cfg, {"output_dir": str(run_dir), "resume": "auto"})
+    # trust_remote_code comes from this command line, never from a file in the run directory.
+    config = load_config(cfg, {"output_dir": str(run_dir), "resume": "auto",
+                               "trust_remote_code": bool(args.trust_remote_code)})
     return _run_training(config, demo=False)
 
 
 def _resume_parser(p):
     p.add_argument("run_dir")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the base model's custom modelling code (never read from the run's config.yaml)")
 
 
 class _SurvivingStream:
@@ -286,6 +290,8 @@ def _export_parser(p):
                    help="merge into a quantized base anyway (lossy; merge into the full-precision base instead)")
     p.add_argument("--device", default="auto", help="device for the merge and its verification (auto: cuda if "
                                                     "available, else cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the base model's custom modelling code (only if you trust it; never read from the run)")
 
 
 @command("export", "export a run's adapter or merged model, verified: fullscale export RUN_DIR --out DIR [--merge]")
@@ -294,7 +300,8 @@ def cmd_export(args) -> int:
 
     result = export(args.run_dir, args.out, checkpoint=args.checkpoint, merge=args.merge, dtype=args.dtype,
                     force=args.force, base=args.base, allow_base_mismatch=args.allow_base_mismatch,
-                    allow_quantized_merge=args.allow_quantized_merge, device=args.device, say=print)
+                    allow_quantized_merge=args.allow_quantized_merge, device=args.device,
+                    trust_remote_code=args.trust_remote_code, say=print)
     s, what = result.source, result.source.describe()
     for note in result.notes:
         print(f"note: {note}")
@@ -314,7 +321,9 @@ def _generate_parser(p):
     p.add_argument("model", help="a merged model directory, an adapter export or best_model/, or a run directory")
     p.add_argument("--prompt", action="append", required=True,
                    help="the user message (through the chat template when the model has one); repeat for several")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's custom modelling code (only if you trust it; never read from the export)")
     p.add_argument("--base", help="the base model of an adapter (default: read from the run or the export)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
 
@@ -325,7 +334,7 @@ def cmd_generate(args) -> int:
     from fullscale.generate import generate_from
 
     replies = generate_from(args.model, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
-                            device=args.device)
+                            device=args.device, trust_remote_code=args.trust_remote_code)
     for prompt, reply in zip(args.prompt, replies):
         if len(args.prompt) > 1:
             print(f"> {prompt}")

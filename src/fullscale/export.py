@@ -100,6 +100,9 @@ class Source:
     recorded_base: str | None = None             # base path recorded by the run (provenance)
     base: str | None = None                      # the base to use: local dir or hub id (resolve_base)
     base_origin: str = ""                        # where `base` was read from, for messages
+    # Custom modelling code runs only when the user of this invocation asks for it: never read from a
+    # manifest, a run's config.yaml or trainer_state.json (files anyone may have written).
+    trust_remote_code: bool = False
 
     def describe(self) -> str:
         """E.g. "best_model/ of runs/demo (step 400, eval loss 0.0198)"."""
@@ -125,6 +128,12 @@ def resolve_source(run_dir: str | os.PathLike, checkpoint: str | int = "best") -
     result = _read_json(run_dir / "training_result.json")
     steps = [s for s, _ in manager.checkpoint_dirs()]
     best_model = run_dir / "best_model"
+    if not best_model.is_dir():
+        # A kill between moving the old best_model/ aside and renaming the new one in: the old one
+        # is complete (the next `fullscale train` puts it back); read it where it is.
+        aside = [p for p in sorted(run_dir.glob(f"{ckpt.TRASH_PREFIX}best_model-*"), reverse=True)
+                 if ckpt.verify_directory(p) is None]
+        best_model = aside[0] if aside else best_model
     if not best_model.is_dir() and not manager.valid():
         what = f"checkpoint directories at steps {steps} but none has a manifest.json (incomplete saves)" if steps \
             else "no best_model/ and no checkpoint-<step>/"
@@ -338,20 +347,24 @@ class ExportResult:
 def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str | int = "best",
            merge: bool = False, dtype: str = "auto", force: bool = False, base: str | None = None,
            allow_base_mismatch: bool = False, allow_quantized_merge: bool = False, device: str = "cpu",
-           say: Callable[[str], None] = lambda s: None) -> ExportResult:
+           trust_remote_code: bool = False, say: Callable[[str], None] = lambda s: None) -> ExportResult:
     """Export the adapter (or, with `merge`, the verified merged model) of `run_dir` to `out_dir`.
 
     `checkpoint`: "best", "latest" or a step. `dtype` (merge only): auto (the run's training dtype),
     bf16, fp16 or fp32. `force`: replace an existing `out_dir`. `base`: the base model when it moved
     (checked by fingerprint unless `allow_base_mismatch`). A quantized base is refused for a merge
     unless `allow_quantized_merge`. `device`: where the merge is computed and verified ("auto": cuda
-    when available). `say`: progress lines. Raises UserError subclasses (CheckpointError, ModelError,
+    when available). `trust_remote_code`: run the base's custom code (only when the caller asks).
+    `say`: progress lines. Raises UserError subclasses (CheckpointError, ModelError,
     ExportError) with a one-paragraph message; on any failure `out_dir` is left as it was.
     """
     source = resolve_source(run_dir, checkpoint)
+    source.trust_remote_code = trust_remote_code
     out = Path(out_dir)
-    _check_output(out, source, force=force)
+    for note in recover_export(out):
+        say(note)
     resolve_base(source, base, allow_mismatch=allow_base_mismatch)
+    _check_output(out, source, force=force)
     if merge:
         torch_dtype = resolve_dtype(dtype, source)
         method = quantization_of(source.base) if Path(source.base).is_dir() else None
@@ -378,7 +391,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint
             _write_adapter(staging, source)
         _write_generation_config(staging, source.base, merged=merge)
         (staging / CARD).write_text(model_card(result))
-        ckpt.commit_directory(staging, out, manifest={"provenance": provenance(result)})
+        ckpt.commit_directory(staging, out, manifest={"kind": EXPORT_KIND, "provenance": provenance(result)})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -401,11 +414,84 @@ def _check_output(out: Path, source: Source, *, force: bool) -> None:
     if clash:
         raise ExportError(f"--out {out} would overwrite the run or its checkpoints; choose a directory outside "
                           f"{source.run_dir or source.adapter_dir}, or a new subdirectory of it such as exports/")
+    if source.base and Path(source.base).is_dir():
+        base = Path(source.base).resolve()
+        if target == base or target.is_relative_to(base) or base.is_relative_to(target):
+            raise ExportError(f"--out {out} would write over the base model {source.base} (or the directory holding "
+                              "it); choose a directory outside it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; choose another --out directory, or add --force to replace it "
                           "(the old one is replaced only once the new export is complete and verified)")
+    if out.exists():
+        why = _not_an_export(out)
+        if why:
+            raise ExportError(f"--force replaces only a previous fullscale export, and {out} {why}; nothing was "
+                              "changed. Choose another --out")
+
+
+EXPORT_KIND = "fullscale-export"
+
+
+def is_export(path: Path) -> bool:
+    return _not_an_export(path) is None
+
+
+def _not_an_export(path: Path) -> str | None:
+    """None when `path` is an export fullscale wrote and nothing else (its manifest lists every file);
+    otherwise why it is not."""
+    from fullscale import rundir
+
+    if rundir.is_run_dir(path) or any(p.name == rundir.MARKER for p in path.iterdir()):
+        return "is a run directory"
+    try:
+        manifest = ckpt.read_manifest(path)
+    except (OSError, ValueError):
+        return "is not one (it has no fullscale manifest.json)"
+    provenance = manifest.get("provenance") if isinstance(manifest, dict) else None
+    if not (manifest.get("kind") == EXPORT_KIND or (isinstance(provenance, dict) and "merged" in provenance)):
+        return "is not one (its manifest.json is not an export's: a checkpoint or best_model/?)"
+    listed = set(manifest.get("files") or {}) | {ckpt.MANIFEST}
+    extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()
+                   and str(p.relative_to(path)) not in listed)
+    if extra:
+        return f"holds files the export did not write ({', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''})"
+    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file() and \
+            not manifest.get("kind") and not (provenance or {}).get("merged"):
+        return "looks like a model directory"
+    return None
+
+
+def recover_export(out: Path) -> list[str]:
+    """Undo what a killed export of `out` left: its staging directories (of processes that are gone)
+    are removed, and an old export that a kill left moved aside is put back when `out` is missing."""
+    from fullscale import rundir
+
+    notes: list[str] = []
+    parent = out.parent
+    if not parent.is_dir():
+        return notes
+    staged = f"{ckpt.STAGING_PREFIX}{out.name}-"
+    trashed = f"{ckpt.TRASH_PREFIX}{out.name}-"
+    for p in sorted(parent.iterdir()):
+        name = p.name
+        if name.startswith(staged) and name[len(staged):].isdigit():
+            if not rundir.pid_alive(int(name[len(staged):])):
+                shutil.rmtree(p, ignore_errors=True)
+                notes.append(f"removed {p}, left by an export that was interrupted")
+    aside = []
+    for p in parent.iterdir():
+        rest = p.name[len(trashed):].split("-") if p.name.startswith(trashed) else []
+        if len(rest) == 2 and all(x.isdigit() for x in rest) and not rundir.pid_alive(int(rest[0])):
+            aside.append((int(rest[1]), p))
+    for _, p in sorted(aside, reverse=True):
+        if not out.exists() and ckpt.verify_directory(p) is None:
+            os.replace(p, out)
+            notes.append(f"restored {out}: an interrupted export had moved it aside")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    return notes
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, source: Source) -> torch.dtype:
@@ -474,9 +560,9 @@ def _write_tokenizer(staging: Path, source: Source) -> list[str]:
             if (origin / name).is_file():
                 shutil.copyfile(origin / name, staging / name)
     else:
-        _load_tokenizer(source.base, trust_remote_code=_trust(source)).save_pretrained(staging)
+        _load_tokenizer(source.base, trust_remote_code=source.trust_remote_code).save_pretrained(staging)
     try:
-        AutoTokenizer.from_pretrained(str(staging), trust_remote_code=_trust(source))
+        AutoTokenizer.from_pretrained(str(staging), trust_remote_code=source.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"the tokenizer of {origin or source.base} does not load once exported "
                          f"({_first_line(exc)}); check that its tokenizer files are complete") from None
@@ -502,7 +588,7 @@ def _write_merged(staging: Path, source: Source, dtype: torch.dtype, *, device: 
     unmerged adapter model on held-out examples. Raises ExportError when they differ."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _load_tokenizer(str(staging), trust_remote_code=_trust(source))
+    tokenizer = _load_tokenizer(str(staging), trust_remote_code=source.trust_remote_code)
     batches, data = verification_batches(source, tokenizer)
     model = _load_adapter_model(source, dtype=dtype, device=device)
     say(f"computing reference logits of the adapter model ({DTYPE_NAMES[dtype]}, {device}) on {data}")
@@ -514,7 +600,7 @@ def _write_merged(staging: Path, source: Source, dtype: torch.dtype, *, device: 
 
     say("loading the saved merged model back (plain transformers) to verify it")
     reloaded = AutoModelForCausalLM.from_pretrained(str(staging), dtype=dtype,
-                                                    trust_remote_code=_trust(source)).to(device).eval()
+                                                    trust_remote_code=source.trust_remote_code).to(device).eval()
     max_diff, max_logit = 0.0, 0.0
     loss_sum, num_tokens = 0.0, 0
     with torch.no_grad():
@@ -746,10 +832,6 @@ def _versions() -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- loading
 
-def _trust(source: Source) -> bool:
-    return bool((source.config or {}).get("trust_remote_code", False))
-
-
 def _load_tokenizer(path: str, *, trust_remote_code: bool = False):
     """A tokenizer with a pad token (the eos token when it has none), as in training."""
     from transformers import AutoTokenizer
@@ -770,7 +852,7 @@ def _load_adapter_model(source: Source, *, dtype: torch.dtype, device: torch.dev
     from transformers import AutoModelForCausalLM
 
     try:
-        base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, trust_remote_code=_trust(source))
+        base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, trust_remote_code=source.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"cannot load the base model {source.base} ({source.base_origin}): {_first_line(exc)}. "
                          "Give a local directory saved with save_pretrained (--base DIR)") from None
@@ -783,7 +865,8 @@ def _load_adapter_model(source: Source, *, dtype: torch.dtype, device: torch.dev
 
 
 def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathLike, device: str = "cpu",
-                       merge_adapter: bool = False, *, dtype: str | torch.dtype = "auto"):
+                       merge_adapter: bool = False, *, dtype: str | torch.dtype = "auto",
+                       trust_remote_code: bool = False):
     """Load a trained model and its tokenizer, ready for generation: returns (model, tokenizer).
 
     `adapter_path`: a run directory (its best model), a best_model/ or checkpoint directory, an
@@ -791,7 +874,8 @@ def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathL
     the base model (directory or hub id), or None to read it from the run or the export's
     provenance; a local base is checked against the fingerprint the run recorded. `merge_adapter`:
     merge the adapter into the base (a plain transformers model). `dtype`: auto (the run's training
-    dtype; a merged directory's saved dtype), bf16, fp16 or fp32.
+    dtype; a merged directory's saved dtype), bf16, fp16 or fp32. `trust_remote_code`: run the
+    model's custom code; off unless the caller turns it on (never taken from the files loaded).
     """
     path = Path(adapter_path)
     if not path.exists():
@@ -800,10 +884,11 @@ def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathL
     if _is_merged_dir(path):
         from transformers import AutoModelForCausalLM
 
-        tokenizer = _load_tokenizer(str(path))
+        tokenizer = _load_tokenizer(str(path), trust_remote_code=trust_remote_code)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype="auto" if dtype in ("auto", None) else _named_dtype(dtype))
+                str(path), dtype="auto" if dtype in ("auto", None) else _named_dtype(dtype),
+                trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"cannot load the model in {path}: {_first_line(exc)}") from None
         return model.to(target).eval(), tokenizer
@@ -818,10 +903,11 @@ def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathL
         source = resolve_source(path, "best")
     else:
         raise CheckpointError(f"{path} is not a model directory, an adapter or a run directory")
+    source.trust_remote_code = trust_remote_code
     resolve_base(source, base_model_name)
     torch_dtype = resolve_dtype(dtype, source)
     tokenizer = _load_tokenizer(str(source.adapter_dir) if source.has_tokenizer else source.base,
-                                trust_remote_code=_trust(source))
+                                trust_remote_code=source.trust_remote_code)
     model = _load_adapter_model(source, dtype=torch_dtype, device=target)
     if merge_adapter:
         model = model.merge_and_unload(safe_merge=True)

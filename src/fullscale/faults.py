@@ -8,7 +8,9 @@ Points: `micro` (inside an accumulation window), `step` (after the optimizer ste
 logging), `eval` (inside an evaluation), `save_file` (a checkpoint file written, before the
 others), `before_manifest`, `before_rename`, `rotation` (while rotating), `enospc` (disk full
 during a checkpoint write), `sigterm` (a SIGTERM to this process after the optimizer step, as
-a scheduler's preemption sends), `sigterm_eval` (a SIGTERM inside an evaluation). Unset in normal runs: each check is one dictionary lookup.
+a scheduler's preemption sends), `sigterm_eval` (a SIGTERM inside an evaluation), `sigterm_startup` (a SIGTERM while the run
+starts, after the data is prepared), `main_error` (the main process fails while it decides on
+the run directory, as a bug there would). Unset in normal runs: each check is one dictionary lookup.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def hit(point: str, step: int | None = None) -> None:
     if _POINTS and (point, current_step if step is None else step) in _POINTS:
         if point == "enospc":
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
+        if point == "main_error":
+            raise RuntimeError("injected failure of the main process")
         if point.startswith("sigterm"):
             _POINTS.discard((point, current_step if step is None else step))  # once: the run goes on to save
             os.kill(os.getpid(), signal.SIGTERM)

@@ -45,10 +45,10 @@ def generate_reply(model, tokenizer, prompt: str | list[dict], *, max_new_tokens
 
 
 def generate_from(path, prompts: list[str], *, base: str | None = None, max_new_tokens: int = 64,
-                  device: str = "cpu") -> list[str]:
+                  device: str = "cpu", trust_remote_code: bool = False) -> list[str]:
     """Greedy replies to `prompts` from a model directory (merged, adapter export, best_model/) or a
     run directory's best model; see fullscale.export.load_trained_model."""
     from fullscale.export import load_trained_model
 
-    model, tokenizer = load_trained_model(base, path, device=device)
+    model, tokenizer = load_trained_model(base, path, device=device, trust_remote_code=trust_remote_code)
     return [generate_reply(model, tokenizer, p, max_new_tokens=max_new_tokens) for p in prompts]

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fullscale.errors import UserError
 from fullscale.status import check_run_dir, collect_status, format_size, read_json, read_metrics, to_json
 
 MAX_POINTS = 4000          # per curve; longer curves keep each bucket's min and max (spikes stay visible)
@@ -386,6 +387,7 @@ def render_html(run_dir: Path, *, status: dict[str, Any], records: list[dict[str
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="generator" content="{GENERATOR}">
 <title>fullscale report: {_esc(name)}</title>
 <style>{CSS}</style></head>
 <body>
@@ -424,9 +426,43 @@ def build_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     plots = build_plots(records, xmax=xmax or None)
     text = render_html(run, status=status, records=records, plots=plots)
     path = Path(out) if out else run / "report.html"
+    check_report_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write the report {path}: {exc.strerror or exc}; choose another --out") from None
     return path
+
+
+GENERATOR = "fullscale report"
+
+
+class ReportError(UserError):
+    """The report cannot be written where asked."""
+
+
+def check_report_path(path: Path) -> None:
+    """The report writes only a new file or a previous fullscale report, and inside a run directory
+    only its top-level report.html: never a user's file, a directory, or a file of a run."""
+    from fullscale import rundir
+
+    if path.is_dir():
+        raise ReportError(f"--out {path} is a directory; give the path of an HTML file, e.g. {path / 'report.html'}")
+    run = rundir.inside_run(path.parent) if path.parent.exists() else None
+    if run is not None and (path.resolve().parent != run or path.name != "report.html"):
+        raise ReportError(f"--out {path} is inside the run directory {run}, whose files are fullscale's records; "
+                          f"write the report outside it, or to {run / 'report.html'} (the default)")
+    if path.exists():
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(2048).decode("utf-8", errors="replace")
+        except OSError:
+            head = ""
+        if f'content="{GENERATOR}"' not in head and "<title>fullscale report" not in head:   # (older reports)
+            raise ReportError(f"--out {path} exists and is not a fullscale report; fullscale does not write over "
+                              "other files. Choose another --out (or remove that file yourself)")
 

@@ -585,6 +585,7 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     # 2. Run directory, decided once on the main process: ours (or refused), locked for this run,
     # leftovers cleaned, and the checkpoint to resume from (or none).
     def decide_run_dir() -> str | None:
+        faults.hit("main_error", 0)
         rundir.claim(run_dir)
         lock.append(rundir.RunLock(run_dir).acquire())
         info = resuming.prepare_run_dir(config, manager, console.print)
@@ -631,6 +632,7 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
                         seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows)
     for line in data.messages:
         console.print(line)
+    faults.hit("sigterm_startup", 0)
     if config.packing:
         from fullscale.data import pack_examples
 
