@@ -103,6 +103,7 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
         # old one: a kill at any point leaves one complete copy (cleanup() restores it).
         old = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}")
         os.replace(final, old)
+        faults.hit("between_renames")
     os.replace(staging, final)
     fsync_dir(final.parent)
     if old is not None:

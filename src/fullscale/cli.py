@@ -51,18 +51,35 @@ def cmd_train(args) -> int:
     if args.help_keys:
         print(describe_keys())
         return EXIT_OK
-    path, overrides = _split_config_arg(args)
-    base = None
-    is_demo = path is None
+    config, is_demo = _load_train_config(args)
     if is_demo:
-        from fullscale.demo import demo_settings
-
-        base = demo_settings()
-    config = load_config(path, overrides, base=base)
-    if is_demo and not config.model_name_or_path and not config.train_file:
         print("fullscale demo: a tiny Llama base (pretrained by scripts/build_demo_base.py on a generated corpus, "
               "shipped with the package) learns the demo task with LoRA; no network needed.")
-    return _run_training(config, demo=is_demo and not config.train_file)
+    return _run_training(config, demo=is_demo)
+
+
+def _load_train_config(args):
+    """(config, is_demo). The demo's settings apply only when the user names neither a model nor
+    data (no CONFIG file, no model_name_or_path or train_file override); otherwise the documented
+    defaults, and both a model and a train_file must be given."""
+    from fullscale.config import load_config, parse_overrides
+    from fullscale.errors import ConfigError
+
+    path, overrides = _split_config_arg(args)
+    given = parse_overrides(overrides)
+    if path is None and "model_name_or_path" not in given and "train_file" not in given:
+        from fullscale.demo import demo_settings
+
+        return load_config(None, overrides, base=demo_settings()), True
+    config = load_config(path, overrides)
+    missing = [k for k in ("model_name_or_path", "train_file") if not getattr(config, k)]
+    if missing:
+        where = {k: ("empty on the command line (an unset shell variable?)" if k in given else
+                     f"not set in {path}" if path else "not given") for k in missing}
+        raise ConfigError([f"{k}: {where[k]}; a run of your own needs both model_name_or_path and train_file "
+                           "(the embedded demo runs only with no config file and neither key)" for k in missing],
+                          source=str(path) if path else None)
+    return config, False
 
 
 @command("resume", "continue a run with its saved config: fullscale resume RUN_DIR")
@@ -200,6 +217,13 @@ def cmd_checkpoints(args) -> int:
 
         limit = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("save_total_limit")
     manager = CheckpointManager(run_dir, save_total_limit=limit)
+    if args.prune:
+        from fullscale import rundir
+
+        holder = rundir.holder(run_dir)
+        if holder is not None:
+            raise CheckpointError(f"{run_dir} is in use by process {holder.get('pid')} on host {holder.get('host')}; "
+                                  "--prune changes the run's checkpoints, so run it once that run has stopped")
     infos = manager.list(verify=args.verify)
     best = manager.best_step()
     latest = manager.latest()
@@ -379,13 +403,8 @@ def cmd_plan(args) -> int:
     from fullscale.errors import ConfigError
     from fullscale.plan import build_plan, format_plan, probe
 
-    path, overrides = _split_config_arg(args)
-    base = None
-    if path is None:
-        from fullscale.demo import demo_settings
-
-        base = demo_settings()
-    config = load_config(path, overrides, base=base)
+    path, _ = _split_config_arg(args)
+    config, _ = _load_train_config(args)
     sharding, launch_processes = None, None
     if args.accelerate_config:
         from fullscale.plan import Sharding

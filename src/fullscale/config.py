@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class Config:
     dataset_format: str = _key("auto", "row format; auto detects it from the columns", DATASET_FORMATS)
     max_seq_length: int = _key(1024, "longer rows are truncated to this many tokens and counted")
     invalid_rows: str = _key("skip", "empty, null or malformed rows: skip and count them, or stop with an error", INVALID_ROWS)
+    max_invalid_share: float = _key(0.05, "with invalid_rows: skip, stop (exit 2) when more than this share of a file's rows is skipped: that much bad data is a wrong file or format, not a few bad rows")
     packing: bool = _key(False, "pack several examples into each row of max_seq_length tokens (best-fit); examples never attend to each other; evaluation stays unpacked")
     group_by_length: bool = _key(False, "batch examples of similar length together (less padding, lighter than packing): each epoch's shuffled order is cut into spans of 64 micro-batches, sorted by length inside a span, and the span's micro-batches shuffled")
     # --- optimisation ---
@@ -151,6 +153,7 @@ class Config:
         return "tensorboard" in self.report_to
 
 
+_PATH_KEYS = ("model_name_or_path", "train_file", "eval_file", "output_dir")
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
 _HINTS = typing.get_type_hints(Config)
 
@@ -175,7 +178,14 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give a YAML file, or no file to run the demo)")
-    text = path.read_text()
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at line {line}); save it "
+                          "as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -187,7 +197,27 @@ def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping of key: value lines, got a {type(data).__name__}")
+    duplicates = _duplicate_keys(text)
+    if duplicates:
+        raise ConfigError([f"{key} is set twice ({path}:{first} and {path}:{second}); keep one of them"
+                           for key, first, second in duplicates])
     return data, _yaml_lines(text)
+
+
+def _duplicate_keys(text: str) -> list[tuple[str, int, int]]:
+    """(key, first line, repeated line) for each top-level key given more than once (YAML loaders
+    silently keep the last one)."""
+    node = yaml.compose(text)
+    seen: dict[str, int] = {}
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            key, line = str(key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                out.append((key, seen[key], line))
+            else:
+                seen[key] = line
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -233,7 +263,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
             where[k] = "command line"
     config = build_config(values, where=where, explicit=explicit)
     if config.output_dir is None:
-        name = Path(path).stem if path else "demo"
+        name = Path(path).stem if path else Path(config.train_file).stem if config.train_file else "demo"
         config.output_dir = str(Path("runs") / name)
     return config
 
@@ -319,16 +349,23 @@ def _coerce(key: str, value: Any) -> tuple[bool, Any, str]:
             return True, int(value), ""
         return False, None, f"got {value!r} ({type(value).__name__}); expected a whole number"
     if float in args:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value), ""
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return True, float(value), ""
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return True, number, ""
+        if number is not None:
+            return False, None, f"got {value!r}; expected a finite number"
         return False, None, f"got {value!r} ({type(value).__name__}); expected a number"
     if str in args:
         if isinstance(value, str):
+            if key in _PATH_KEYS and value.startswith("~"):
+                value = os.path.expanduser(value)   # as a shell would (YAML and quoted overrides do not)
             return True, value, ""
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith(("_dir", "_path")):
             return True, str(value), ""
@@ -358,6 +395,8 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     need(0 <= c.eval_split < 1, "eval_split", f"got {c.eval_split}; must be in [0, 1) (0: no held-out split)")
     need(0 <= c.lora_dropout < 1, "lora_dropout", f"got {c.lora_dropout}; must be in [0, 1)")
     need(c.weight_decay >= 0, "weight_decay", f"got {c.weight_decay}; must be >= 0")
+    need(0 <= c.max_invalid_share <= 1, "max_invalid_share", f"got {c.max_invalid_share}; must be in [0, 1] (1: never stop)")
+    need(0 <= c.seed < 2**32, "seed", f"got {c.seed}; must be a whole number in [0, 2^32) (the default is 42)")
     need(c.max_grad_norm >= 0, "max_grad_norm", f"got {c.max_grad_norm}; must be >= 0 (0 disables clipping)")
     need(c.early_stopping_patience >= 0, "early_stopping_patience", f"got {c.early_stopping_patience}; must be >= 0 (0 disables)")
     need(c.health_window >= 10, "health_window", f"got {c.health_window}; must be >= 10 steps")

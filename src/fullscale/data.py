@@ -739,7 +739,16 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
         eval_read = _read(eval_file)
         eval_source = _Source(str(eval_file), eval_read.unit)
         eval_valid = [(n, row) for n, row, err in eval_read.rows if err is None]
-        _choose_format(eval_valid, path=eval_source.path, dataset_format=fmt)  # same format, or a clear error
+        required = REQUIRED_COLUMNS[fmt]
+        column_sets = {frozenset(row) for _, row in eval_valid}
+        if eval_valid and not any(all(c in cols for c in required) for cols in column_sets):
+            found = set().union(*column_sets)
+            detected = _match_format(found)
+            theirs = f", which is dataset_format '{detected}'" if detected else ""
+            raise DataError(
+                f"{eval_source.path}: the eval data must be in the train data's format, '{fmt}' (columns "
+                f"{', '.join(required)}), but its rows have the columns {', '.join(sorted(found)) or '(none)'}{theirs}. "
+                f"Convert eval_file to '{fmt}' rows (or leave eval_file out to hold out eval_split of {train_source.path})")
         eval_part = _Part(eval_source.path, eval_source, len(eval_read.rows), *convert(eval_read.rows, eval_source))
     elif eval_split > 0 and len(items) >= 2:
         train_part, eval_part = _split_eval(train_part, eval_split=eval_split, seed=seed)

@@ -37,7 +37,7 @@ import yaml
 
 from fullscale import checkpoint as ckpt
 from fullscale.errors import CheckpointError, ModelError, UserError
-from fullscale.resumption import _TOKENIZER_FILES, model_fingerprint, tokenizer_fingerprint
+from fullscale.resumption import _TOKENIZER_FILES, model_matches, tokenizer_fingerprint
 
 log = logging.getLogger("fullscale")
 
@@ -270,8 +270,8 @@ def resolve_base(source: Source, override: str | None = None, *, allow_mismatch:
             "put the directory back, or pass --base DIR (base_model_name in Python) pointing at a copy of it "
             "(checked by fingerprint)")
     if recorded and not allow_mismatch:
-        found = model_fingerprint(base)
-        if found != recorded:
+        same, found = model_matches(base, recorded)
+        if not same:
             raise ModelError(
                 f"the base model at {base} ({origin}) is not the one this adapter was trained on: the fingerprint of "
                 f"its config.json and weights is {found}, the run recorded {recorded}. An adapter merged into (or run "

@@ -72,8 +72,30 @@ def load_tokenizer(config: Config):
     except Exception as exc:  # noqa: BLE001 - many failure types; all mean "cannot load"
         raise ModelError(_load_error("tokenizer", path, exc)) from None
     if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                f"the tokenizer of {path} has neither a pad token nor an eos token: batches cannot be padded and "
+                "completions cannot end. Add them (tokenizer.add_special_tokens({'eos_token': ..., 'pad_token': ...}), "
+                "with the model's embeddings resized) and save the tokenizer with save_pretrained")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_model_source(config: Config) -> None:
+    """Refuse a model directory that is not a base model: a LoRA adapter given as the model."""
+    import json
+
+    path = Path(resolve_model_path(config))
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        try:
+            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError):
+            base = None
+        raise ModelError(
+            f"model_name_or_path {path} is a LoRA adapter (adapter_config.json, no config.json), not a base model"
+            f"{f'; its base is {base}' if base else ''}. Set model_name_or_path to the base model"
+            f"{f' ({base})' if base else ''}; to train on top of this adapter, merge it first "
+            f"(fullscale export RUN_DIR --merge, or peft merge_and_unload) and train on the merged model")
 
 
 def load_base_model(config: Config, choices: ModelChoices):
@@ -81,14 +103,24 @@ def load_base_model(config: Config, choices: ModelChoices):
 
     path = resolve_model_path(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=choices.dtype,
             attn_implementation=choices.attn_implementation,
             trust_remote_code=config.trust_remote_code,
+            output_loading_info=True,
         )
     except Exception as exc:  # noqa: BLE001
         raise ModelError(_load_error("model", path, exc)) from None
+    # transformers initialises weights it did not find at random and says so only in a log line it
+    # is quiet about here: a base with missing tensors would train (and export) layers of noise.
+    missing = sorted((info or {}).get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ModelError(
+            f"the base model in {path} lacks {len(missing)} weight tensor(s) its config.json needs ({shown}); "
+            "transformers would initialise them at random. The weight files are incomplete or from another model: "
+            "re-download or re-save the model (save_pretrained) and check its *.safetensors files")
     return model
 
 

@@ -838,6 +838,29 @@ def _longest_that_fits(target: Target, usable: int) -> int | None:
     return 64 * lo or None
 
 
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def check_model(config: Config) -> int | None:
+    """Before anything is loaded: the model directory holds a base model, and max_seq_length fits
+    its positions (a longer row fails only at the first batch that long, possibly hours in).
+    Returns the model's position limit when the default max_seq_length is above it (the caller
+    lowers it); an explicit max_seq_length above it is refused."""
+    from fullscale.model import check_model_source
+
+    check_model_source(config)
+    path, model_cfg = _load_model_config(config)
+    text = _text_config(model_cfg)
+    limit = next((getattr(text, k) for k in POSITION_LIMIT_KEYS if isinstance(getattr(text, k, None), int)), None)
+    if limit and config.max_seq_length > limit:
+        key = next(k for k in POSITION_LIMIT_KEYS if getattr(text, k, None) == limit)
+        if "max_seq_length" not in config.explicit:
+            return limit
+        raise ConfigError(f"max_seq_length: {config.max_seq_length} is more than the {limit} positions of the model "
+                          f"{path} ({key} in its config.json); set max_seq_length to {limit} or less")
+    return None
+
+
 def check_plan(config: Config, *, num_processes: int, device: torch.device | str) -> Plan:
     """The plan of `config` on `device`; raises ConfigError with settings that fit when the
     estimated peak exceeds the device memory less the margin (unless plan_check is false).

@@ -22,7 +22,7 @@ EXACTNESS_KEYS = (
     "max_steps", "bf16", "early_stopping_patience", "early_stopping_min_delta", "eval_steps",
 )
 # Changes that do not alter what is computed: accepted on resume and recorded.
-HARMLESS_KEYS = ("logging_steps", "eval_time_budget", "memory_budget_gb", "memory_margin", "plan_check", "report_to", "save_steps", "save_total_limit", "output_dir", "resume",
+HARMLESS_KEYS = ("logging_steps", "max_invalid_share", "eval_time_budget", "memory_budget_gb", "memory_margin", "plan_check", "report_to", "save_steps", "save_total_limit", "output_dir", "resume",
                  "force_resume", "dataloader_num_workers", "per_device_eval_batch_size", "tf32",
                  "attn_implementation", "gradient_checkpointing", "trust_remote_code",
                  "model_name_or_path", "train_file", "eval_file", "per_device_train_batch_size")
@@ -32,49 +32,122 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json")
 
 
-def _hash_files(files: list[Path], root: Path, *, full: bool, h=None) -> str:
-    h = h or hashlib.sha256()
+FINGERPRINT_VERSION = 2   # 2: every byte of the weights, data by contents only (1: head and tail, names)
+
+
+def _legacy_hash_files(files: list[Path], root: Path) -> str:
+    """Version 1 (runs made before FINGERPRINT_VERSION 2): names, sizes, and for files over
+    4 MiB the first and last MiB. Kept to recognise those runs' fingerprints on resume and export."""
+    h = hashlib.sha256()
     for f in sorted(files):
         size = f.stat().st_size
         h.update(f"{f.relative_to(root)}:{size}\n".encode())
         with open(f, "rb") as fh:
-            if full or size <= 4 << 20:
+            if size <= 4 << 20:
                 while block := fh.read(1 << 20):
                     h.update(block)
-            else:  # large weight files: head and tail (sizes and names are in the hash too)
+            else:
                 h.update(fh.read(1 << 20))
                 fh.seek(size - (1 << 20))
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:16]
 
 
+def _hash_cache_dir() -> Path | None:
+    from fullscale.data import cache_dir
+
+    tokenized = cache_dir()
+    return tokenized.parent / "hashes" if tokenized is not None else None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of every byte of `path`, cached by device, inode, size and mtime: a 16 GB model is read
+    once, and a file edited in place (new mtime or size) is read again."""
+    st = path.stat()
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    cache = _hash_cache_dir()
+    entry = cache / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json") if cache else None
+    if entry is not None:
+        try:
+            cached = json.loads(entry.read_text())
+            if cached.get("key") == key:
+                return cached["sha256"]
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    digest = ckpt.sha256_file(path)
+    if entry is not None:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"key": key, "sha256": digest, "path": str(path.resolve())}))
+            os.replace(tmp, entry)
+        except OSError:
+            pass   # an unwritable cache only costs the next read
+    return digest
+
+
+def _hash_files(files: list[Path], root: Path | None) -> str:
+    """Names relative to `root` (None: contents only) and every byte of each file."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        name = str(f.relative_to(root)) if root is not None else ""
+        h.update(f"{name}:{f.stat().st_size}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _model_files(p: Path) -> list[Path]:
+    return [f for f in p.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)]
+
+
 def model_fingerprint(path: str) -> str:
-    """Base model identity: config.json and the weight files (names, sizes, first and last MiB)."""
+    """Base model identity: config.json and every byte of the weight files."""
     p = Path(path)
     if not p.is_dir():
         return f"hub:{path}"
-    files = [f for f in p.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)]
-    return _hash_files(files, p, full=False)
+    return _hash_files(_model_files(p), p)
+
+
+def model_matches(path: str, recorded: str) -> tuple[bool, str]:
+    """(whether the base at `path` is the one fingerprinted as `recorded`, its fingerprint now);
+    fingerprints of runs made before version 2 are recognised."""
+    found = model_fingerprint(path)
+    if found == recorded or found.startswith("hub:"):
+        return found == recorded, found
+    p = Path(path)
+    return _legacy_hash_files(_model_files(p), p) == recorded, found
 
 
 def tokenizer_fingerprint(path: str) -> str:
     p = Path(path)
     if not p.is_dir():
         return f"hub:{path}"
-    return _hash_files([p / n for n in _TOKENIZER_FILES if (p / n).is_file()], p, full=True)
+    return _legacy_hash_files([p / n for n in _TOKENIZER_FILES if (p / n).is_file()], p)
+
+
+def _data_files(path: str) -> tuple[list[Path], Path]:
+    p = Path(path)
+    return ([f for f in p.rglob("*") if f.is_file()], p) if p.is_dir() else ([p], p.parent)
 
 
 def data_fingerprint(path: str | None) -> str | None:
-    """Dataset contents (every byte): a changed row makes a different run."""
+    """Dataset contents (every byte; not the file's name or place): a changed row makes a different
+    run, the same rows under another name do not."""
     if not path:
         return None
-    p = Path(path)
-    files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p]
-    return _hash_files(files, p if p.is_dir() else p.parent, full=True)
+    files, root = _data_files(path)
+    return _hash_files(files, root if Path(path).is_dir() else None)
+
+
+def _legacy_data_fingerprint(path: str | None) -> str | None:
+    if not path:
+        return None
+    files, root = _data_files(path)
+    return _legacy_hash_files(files, root)
 
 
 def fingerprints(config: Config, *, model_path: str, train_file: str, num_processes: int) -> dict[str, Any]:
     return {
+        "version": FINGERPRINT_VERSION,
         "model": model_fingerprint(model_path),
         "tokenizer": tokenizer_fingerprint(model_path),
         "train_data": data_fingerprint(train_file),
@@ -83,6 +156,14 @@ def fingerprints(config: Config, *, model_path: str, train_file: str, num_proces
         "global_micro_batch": config.per_device_train_batch_size * num_processes,
         "config": config.fingerprint(EXACTNESS_KEYS),
     }
+
+
+def legacy_fingerprints(config: Config, *, model_path: str, train_file: str) -> dict[str, Any]:
+    """The version-1 fingerprints of the same files, to compare with a run made before version 2."""
+    p = Path(model_path)
+    return {"model": _legacy_hash_files(_model_files(p), p) if p.is_dir() else f"hub:{model_path}",
+            "train_data": _legacy_data_fingerprint(train_file),
+            "eval_data": _legacy_data_fingerprint(config.eval_file)}
 
 
 def compare(config: Config, saved_config: dict[str, Any], saved_fp: dict[str, Any],

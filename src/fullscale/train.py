@@ -187,6 +187,22 @@ def eval_batches(examples: list[dict], *, batch_size: int, rank: int, num_proces
             yield batch
 
 
+def check_invalid_share(data, config: Config) -> None:
+    """A few bad rows are skipped and reported; a file that is mostly bad is a wrong file or format."""
+    from fullscale.errors import DataError
+
+    for name, stats in (("train_file", data.train_stats), ("eval_file", data.eval_stats)):
+        if stats is None or not stats.num_rows or config.invalid_rows != "skip":
+            continue
+        share = stats.num_skipped / stats.num_rows
+        if share > config.max_invalid_share:
+            reasons = "; ".join(f"row {n}: {why}" for n, why in stats.skipped[:3])
+            raise DataError(
+                f"{name}: {stats.num_skipped:,} of {stats.num_rows:,} rows ({100 * share:.0f}%) are invalid and would "
+                f"be skipped, more than max_invalid_share={config.max_invalid_share:g} (first reasons: {reasons}). "
+                "Check the file and dataset_format; raise max_invalid_share to train on the valid rows anyway")
+
+
 # ----------------------------------------------------------------------------- the run
 
 @dataclass
@@ -568,6 +584,7 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
 def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) -> dict[str, Any]:
     from fullscale import rundir
     from fullscale.data import prepare_data
+    from fullscale.plan import check_model, check_plan, pin_cpu_allocator
 
     # 1. Processes and device.
     accelerator, fsdp, deepspeed = build_accelerator()
@@ -584,19 +601,25 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
 
     # 2. Run directory, decided once on the main process: ours (or refused), locked for this run,
     # leftovers cleaned, and the checkpoint to resume from (or none).
-    def decide_run_dir() -> str | None:
+    def decide_run_dir() -> tuple[str | None, int | None]:
         faults.hit("main_error", 0)
+        limit = check_model(config)   # reads config.json only: a wrong model directory stops here
+        if limit is not None:
+            console.print(f"max_seq_length: the default {config.max_seq_length} is more than the model's {limit} "
+                          f"positions; using {limit}")
+            config.max_seq_length = limit
         rundir.claim(run_dir)
         lock.append(rundir.RunLock(run_dir).acquire())
         info = resuming.prepare_run_dir(config, manager, console.print)
-        return str(info.path) if info else None
+        return (str(info.path) if info else None), limit
 
-    resume_path = on_main(accelerator, decide_run_dir)
+    resume_path, limit = on_main(accelerator, decide_run_dir)
+    if limit is not None:
+        config.max_seq_length = limit   # on every rank
     resume_path = Path(resume_path) if resume_path else None
     saved = ckpt.load_state(resume_path) if resume_path else None
 
     # 2b. Memory plan from config.json (no weights): refuse a run that cannot fit before loading anything.
-    from fullscale.plan import check_plan, pin_cpu_allocator
 
     def decide_plan() -> bool:
         plan = check_plan(config, num_processes=world, device=device)
@@ -618,7 +641,11 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     fps = resuming.fingerprints(config, model_path=model_path, train_file=train_file, num_processes=world)
     changes: list[str] = []
     if saved:
-        breaking, changes = resuming.compare(config, saved["config"], saved.get("fingerprints", {}), fps)
+        saved_fp = saved.get("fingerprints", {})
+        current = fps
+        if saved_fp.get("version") != resuming.FINGERPRINT_VERSION:   # a run made by an earlier fullscale
+            current = {**fps, **resuming.legacy_fingerprints(config, model_path=model_path, train_file=train_file)}
+        breaking, changes = resuming.compare(config, saved["config"], saved_fp, current)
         if breaking and not config.force_resume:
             raise resuming.refuse(run_dir, breaking)
         if breaking:
@@ -632,6 +659,7 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
                         seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows)
     for line in data.messages:
         console.print(line)
+    check_invalid_share(data, config)
     faults.hit("sigterm_startup", 0)
     if config.packing:
         from fullscale.data import pack_examples

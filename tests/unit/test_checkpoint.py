@@ -4,9 +4,17 @@ from fullscale.checkpoint import CheckpointManager, commit_directory, staging_di
 
 
 def _fake_checkpoint(manager, step, *, best_step=None, eval_loss=1.0):
+    """A checkpoint with every file a resume reads, each loadable (small real tensors)."""
+    import torch
+    from safetensors.torch import save_file
+
     def write(d):
-        (d / "adapter_model.safetensors").write_bytes(b"x" * (100 + step))
-        state = {"early_stopping": {"best_step": best_step}, "last_eval_loss": eval_loss}
+        save_file({"lora_A": torch.full((2, step), float(step))}, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text("{}")
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
+            torch.save({"step": step}, d / name)
+        state = {"early_stopping": {"best_step": best_step}, "last_eval_loss": eval_loss,
+                 "train_state": {"step": step}, "config": {}}
         (d / "trainer_state.json").write_text(json.dumps(state))
 
     return manager.save(step, write, manifest={})
@@ -16,7 +24,8 @@ def test_a_committed_checkpoint_verifies_and_a_changed_file_does_not(tmp_path):
     m = CheckpointManager(tmp_path)
     path = _fake_checkpoint(m, 5)
     assert verify_directory(path) is None
-    (path / "adapter_model.safetensors").write_bytes(b"y" * 105)   # same size, other content
+    size = (path / "adapter_model.safetensors").stat().st_size
+    (path / "adapter_model.safetensors").write_bytes(b"y" * size)   # same size, other content
     assert "SHA-256" in verify_directory(path)
     (path / "adapter_model.safetensors").write_bytes(b"y")
     assert "bytes" in verify_directory(path)

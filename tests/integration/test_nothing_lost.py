@@ -1,0 +1,653 @@
+"""Nothing lost, nothing run by mistake: the run directory is the user's, one run at a time,
+results never replaced, exports and reports stay inside what they own, faults end in a clear
+message and an exit code with nothing damaged. Real processes, real signals, real files (a real
+full disk on a small tmpfs where this machine allows mounting one)."""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import read_metrics
+
+ROOT = Path(__file__).parents[2]
+EXIT_PREEMPTED = 75
+
+SETTINGS = dict(max_steps=6, per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=3,
+                save_steps=3, save_total_limit=3, logging_steps=1, learning_rate=3e-3, lora_dropout=0.0,
+                report_to="none", eval_split=0.1, gradient_checkpointing=False, max_seq_length=128)
+
+
+def write_config(tmp_path, name, model_dir, data, **over):
+    values = dict(SETTINGS, model_name_or_path=str(model_dir), train_file=str(data),
+                  output_dir=str(tmp_path / name))
+    values.update(over)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def cli(*args, fault=None, env_extra=None, timeout=300, wait=True, **popen):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
+    env.pop("FULLSCALE_FAULT", None)
+    if fault:
+        env["FULLSCALE_FAULT"] = fault
+    cmd = [sys.executable, "-m", "fullscale", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, **popen)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Every file under `path` and its SHA-256 (what must stay untouched), but fullscale's own lock
+    and marker (a refused run may take and release the lock)."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith(".fullscale-")}
+
+
+def no_debris(path: Path) -> list[str]:
+    return [p.name for p in Path(path).rglob("*") if p.name.startswith((".staging-", ".trash-")) or ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir, reverse_data):
+    """A finished run (checkpoints 3 and 6, best_model/, result), copied by the tests that alter it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = write_config(tmp, "run", tiny_model_dir, reverse_data)
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "run"
+
+
+def copy_run(finished, tmp_path, tiny_model_dir, reverse_data, name="run", **over):
+    shutil.copytree(finished, tmp_path / name)
+    return write_config(tmp_path, name, tiny_model_dir, reverse_data, **over), tmp_path / name
+
+
+# ----------------------------------------------------------------------------- 1. results are kept
+
+def test_a_fresh_start_refuses_to_replace_a_previous_runs_results_and_restart_moves_them_aside(
+        tmp_path, finished, tiny_model_dir, reverse_data):
+    cfg, run = copy_run(finished, tmp_path, tiny_model_dir, reverse_data)
+    for ckpt in run.glob("checkpoint-*"):
+        shutil.rmtree(ckpt)   # deleted to save space
+    before = tree_digest(run)
+    for extra in ([], ["resume=never"]):
+        proc = cli("train", cfg, *extra)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert "best_model/" in proc.stderr and "training_result.json" in proc.stderr
+        assert tree_digest(run) == before, "a refused start changed the run directory"
+    assert "resume: restart" in proc.stderr or "resume=restart" in proc.stderr
+
+    proc = cli("train", cfg, "resume=restart")
+    assert proc.returncode == 0, proc.stderr
+    previous = [p for p in run.iterdir() if p.name.startswith("previous-")]
+    assert len(previous) == 1
+    moved = tree_digest(previous[0])
+    assert moved == before
+    assert json.loads((run / "training_result.json").read_text())["total_steps"] == 6
+
+
+def test_every_checkpoint_failing_verification_is_refused_rather_than_restarted(
+        tmp_path, finished, tiny_model_dir, reverse_data):
+    cfg, run = copy_run(finished, tmp_path, tiny_model_dir, reverse_data)
+    for ckpt in run.glob("checkpoint-*"):
+        (ckpt / "adapter_model.safetensors").write_bytes(b"garbage")
+    best = tree_digest(run / "best_model")
+    proc = cli("train", cfg)
+    assert proc.returncode == 2, proc.stderr
+    assert "no checkpoint verifies" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(list(run.glob("checkpoint-*.invalid-*"))) == 2   # set aside, never deleted
+    assert tree_digest(run / "best_model") == best
+    assert json.loads((run / "training_result.json").read_text())["total_steps"] == 6
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again_without_a_word(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "early", tiny_model_dir, reverse_data, save_steps=100)
+    assert cli("train", cfg, fault="step@2").returncode == -signal.SIGKILL
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ----------------------------------------------------------------------------- 2. other people's files
+
+def test_files_fullscale_did_not_write_are_never_overwritten(tmp_path, tiny_model_dir, reverse_data):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own settings\n")
+    (mine / "metrics.jsonl").write_text('{"my": "numbers"}\n')
+    before = tree_digest(mine)
+    cfg = write_config(tmp_path, "mine", tiny_model_dir, reverse_data)
+    proc = cli("train", cfg)
+    assert proc.returncode == 2, proc.stderr
+    assert "config.yaml" in proc.stderr and "did not write" in proc.stderr and "Traceback" not in proc.stderr
+    assert tree_digest(mine) == before
+    proc = cli("resume", mine)
+    assert proc.returncode == 2 and tree_digest(mine) == before
+
+    # A directory with unrelated files of the user's is fine: they are left alone.
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("keep me")
+    proc = cli("train", write_config(tmp_path, "notes", tiny_model_dir, reverse_data, max_steps=3))
+    assert proc.returncode == 0, proc.stderr
+    assert (notes / "notes.txt").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- 3. one run at a time
+
+@pytest.mark.slow
+def test_a_second_run_on_a_directory_in_use_is_refused_and_a_dead_holder_does_not_block_the_resume(
+        tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "busy", tiny_model_dir, reverse_data, max_steps=400, save_steps=50, eval_steps=50,
+                       logging_steps=5)
+    run = tmp_path / "busy"
+    first = cli("train", cfg, wait=False)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            status = run / "status.json"
+            if status.is_file() and json.loads(status.read_text()).get("phase") == "running":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first run did not start")
+        second = cli("train", cfg)
+        assert second.returncode == 2, second.stderr
+        assert f"process {first.pid} on host {socket.gethostname()}" in second.stderr
+        assert "Traceback" not in second.stderr
+        # Read-only commands keep working during the run.
+        assert cli("status", run).returncode == 0
+        assert cli("report", run, "--out", tmp_path / "live.html").returncode == 0
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The kernel dropped the dead holder's lock: the same command resumes.
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from checkpoint-" in proc.stdout
+
+
+def test_the_fallback_lock_without_flock_refuses_a_live_holder_and_takes_over_from_a_dead_one(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from fullscale import rundir
+
+    real_flock = fcntl.flock
+
+    def no_flock(fd, op):
+        if op & (fcntl.LOCK_EX | fcntl.LOCK_SH):
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = rundir.RunLock(run).acquire()
+    assert lock.mode == "heartbeat"
+    with pytest.raises(rundir.RunLockedError, match=f"process {os.getpid()}"):
+        rundir.RunLock(run).acquire()
+    assert rundir.holder(run)["pid"] == os.getpid()
+    lock.release()
+    assert rundir.holder(run) is None
+    # A holder that died without releasing (same host, pid gone) does not count.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / rundir.LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
+                                               "heartbeat": time.time()}))
+    rundir.RunLock(run).acquire().release()
+
+
+# ----------------------------------------------------------------------------- 4/5. exports and reports
+
+def test_export_force_replaces_only_a_previous_export(tmp_path, finished, tiny_model_dir, reverse_data):
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (tmp_path / "models" / "notes.txt").write_text("my notes")
+    cfg, run = copy_run(finished, tmp_path, base, reverse_data)
+    text = (run / "config.yaml").read_text().replace(str(tiny_model_dir), str(base))
+    (run / "config.yaml").write_text(text)
+    models = tree_digest(tmp_path / "models")
+    for out in (base, base.parent):
+        proc = cli("export", run, "--merge", "--force", "--base", base, "--out", out)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert tree_digest(tmp_path / "models") == models, "the base model or the user's notes changed"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    proc = cli("export", run, "--force", "--base", base, "--out", other)
+    assert proc.returncode == 2 and "holds files the export did not write" in proc.stderr
+    assert (other / "notes.txt").read_text() == "mine"
+    proc = cli("export", run, "--force", "--base", base, "--out", finished)
+    assert proc.returncode == 2 and tree_digest(finished)
+
+    out = tmp_path / "exports" / "adapter"
+    assert cli("export", run, "--base", base, "--out", out).returncode == 0
+    proc = cli("export", run, "--force", "--base", base, "--checkpoint", "latest", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_report_out_never_writes_over_a_users_file_or_a_runs_records(tmp_path, finished, tiny_model_dir,
+                                                                      reverse_data):
+    _, run = copy_run(finished, tmp_path, tiny_model_dir, reverse_data)
+    mine = tmp_path / "mine.html"
+    mine.write_text("<p>my page</p>")
+    state = run / "checkpoint-3" / "trainer_state.json"
+    before = state.read_bytes()
+    for out in (mine, state, tmp_path):
+        proc = cli("report", run, "--out", out)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert mine.read_text() == "<p>my page</p>" and state.read_bytes() == before
+    assert cli("checkpoints", run, "--verify").returncode == 0
+    report = tmp_path / "report.html"
+    assert cli("report", run, "--out", report).returncode == 0
+    assert cli("report", run, "--out", report).returncode == 0   # a previous report is replaced
+
+
+@pytest.mark.slow
+def test_a_killed_export_leaves_no_debris_and_never_loses_the_old_export(tmp_path, finished, tiny_model_dir,
+                                                                          reverse_data):
+    _, run = copy_run(finished, tmp_path, tiny_model_dir, reverse_data)
+    out = tmp_path / "exports" / "merged"
+    assert cli("export", run, "--merge", "--out", out).returncode == 0
+    old = tree_digest(out)
+    # Killed while writing the new export, then between moving the old one aside and renaming the new in.
+    for fault in ("save_file@0", "before_manifest@0", "between_renames@0"):
+        proc = cli("export", run, "--merge", "--force", "--checkpoint", "3", "--out", out, fault=fault)
+        assert proc.returncode == -signal.SIGKILL, (fault, proc.stderr)
+    assert not out.exists()   # the kill came between the two renames
+    proc = cli("export", run, "--merge", "--force", "--checkpoint", "3", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "restored" in proc.stdout
+    assert no_debris(out.parent) == []
+    assert tree_digest(out) != old and (out / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_export_and_generate_find_a_best_model_a_kill_left_aside(tmp_path, tiny_model_dir, reverse_data):
+    # best_model/ is replaced at the step-3 evaluation; the kill comes between the two renames.
+    cfg = write_config(tmp_path, "aside", tiny_model_dir, reverse_data)
+    proc = cli("train", cfg, fault="between_renames@3")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run = tmp_path / "aside"
+    assert not (run / "best_model").exists()
+    assert cli("export", run, "--out", tmp_path / "exported").returncode == 0
+    proc = cli("generate", run, "--prompt", "rev abc:", "--max-new-tokens", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert cli("train", cfg).returncode == 0   # the next start puts it back, and the run goes on
+    assert (run / "best_model" / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------------- 6/7. security, modes
+
+def test_trust_remote_code_is_never_read_from_an_export(tmp_path, finished, tiny_model_dir, reverse_data):
+    _, run = copy_run(finished, tmp_path, tiny_model_dir, reverse_data)
+    out = tmp_path / "merged"
+    assert cli("export", run, "--merge", "--out", out).returncode == 0
+    sentinel = tmp_path / "remote-code-ran"
+    (out / "custom_model.py").write_text(
+        f"open({str(sentinel)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'llama'\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((out / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}
+    (out / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["provenance"]["config"]["trust_remote_code"] = True
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("generate", out, "--prompt", "rev abc:", "--max-new-tokens", "2")
+    assert not sentinel.exists(), "the export's remote code ran without the user asking"
+    assert "Traceback" not in proc.stderr
+
+    from fullscale import load_trained_model
+
+    load_trained_model(None, out)
+    assert not sentinel.exists()
+
+
+def test_weights_are_written_with_the_umask_mode(tmp_path, finished, tiny_model_dir, reverse_data):
+    _, run = copy_run(finished, tmp_path, tiny_model_dir, reverse_data)
+    proc = subprocess.run(["bash", "-c", f"umask 022; {sys.executable} -m fullscale export {run} --out {tmp_path / 'e'}"],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+    assert proc.returncode == 0, proc.stderr
+    for path in (finished / "checkpoint-6" / "adapter_model.safetensors",
+                 finished / "best_model" / "adapter_model.safetensors", tmp_path / "e" / "adapter_model.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, f"{path}: {oct(path.stat().st_mode)}"
+
+
+# ----------------------------------------------------------------------------- 8. disks that fail
+
+def _mount_tmpfs(path: Path, size: str, *options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    opts = ",".join((f"size={size}", *options))
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mounted = []
+
+    def mount(name: str, size: str, *options: str) -> Path:
+        path = tmp_path / name
+        if not _mount_tmpfs(path, size, *options):
+            pytest.skip("mounting a tmpfs needs root (a real full or read-only disk)")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_real_full_disk_stops_with_the_path_and_bytes_needed_and_leaves_no_debris(
+        tmp_path, small_disk, tiny_model_dir, reverse_data):
+    disk = small_disk("full", "48k")
+    cfg = write_config(tmp_path, "full", tiny_model_dir, reverse_data, output_dir=str(disk / "run"))
+    proc = cli("train", cfg)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "cannot write" in proc.stderr and str(disk / "run") in proc.stderr and "bytes" in proc.stderr
+    assert no_debris(disk) == []
+
+
+def test_a_file_size_limit_during_a_checkpoint_keeps_the_committed_ones(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "limit", tiny_model_dir, reverse_data)
+    run = tmp_path / "limit"
+    assert cli("train", cfg, fault="step@4").returncode == -signal.SIGKILL   # checkpoint-3 committed
+    size = (run / "checkpoint-3" / "optimizer.pt").stat().st_size
+    limit = size // 2   # the next optimizer.pt cannot be written; best_model/ still can
+
+    def ulimit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = cli("train", cfg, preexec_fn=ulimit)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write checkpoint-6" in proc.stderr and "Traceback" not in proc.stderr
+    assert no_debris(run) == []
+    assert cli("checkpoints", run, "--verify").returncode == 0
+    assert "checkpoint-3" in [p.name for p in run.iterdir()]
+    proc = cli("train", cfg)   # space back: the run resumes
+    assert proc.returncode == 0 and "resuming from checkpoint-3" in proc.stdout
+
+
+def test_a_read_only_output_dir_is_exit_1_and_an_existing_file_is_exit_2(tmp_path, small_disk, tiny_model_dir,
+                                                                         reverse_data):
+    target = tmp_path / "a-file"
+    target.write_text("not a directory")
+    proc = cli("train", write_config(tmp_path, "file", tiny_model_dir, reverse_data, output_dir=str(target)))
+    assert proc.returncode == 2 and "is an existing file" in proc.stderr
+    assert target.read_text() == "not a directory"
+    disk = small_disk("ro", "1m", "ro")
+    proc = cli("train", write_config(tmp_path, "ro", tiny_model_dir, reverse_data, output_dir=str(disk / "run")))
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- 9. checkpoints that do not load
+
+def _rewrite_manifest(ckpt: Path) -> None:
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    for rel in manifest["files"]:
+        data = (ckpt / rel).read_bytes()
+        manifest["files"][rel] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", ["garbage_optimizer", "unparsable_state", "files_as_list", "omits_required"])
+def test_a_checkpoint_whose_manifest_verifies_but_does_not_load_is_set_aside(tmp_path, tiny_model_dir, reverse_data,
+                                                                              damage):
+    cfg = write_config(tmp_path, "bad", tiny_model_dir, reverse_data, max_steps=9)
+    run = tmp_path / "bad"
+    assert cli("train", cfg, fault="step@7").returncode == -signal.SIGKILL
+    newest = run / "checkpoint-6"
+    if damage == "garbage_optimizer":
+        (newest / "optimizer.pt").write_bytes(os.urandom(4000))
+        _rewrite_manifest(newest)
+    elif damage == "unparsable_state":
+        (newest / "trainer_state.json").write_text("{not json")
+        _rewrite_manifest(newest)
+    elif damage == "files_as_list":
+        manifest = json.loads((newest / "manifest.json").read_text())
+        manifest["files"] = list(manifest["files"])
+        (newest / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (newest / "scheduler.pt").unlink()
+        manifest = json.loads((newest / "manifest.json").read_text())
+        del manifest["files"]["scheduler.pt"]
+        (newest / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint-6 is not usable" in proc.stdout and "resuming from checkpoint-3" in proc.stdout
+    assert list(run.glob("checkpoint-6.invalid-*"))
+
+
+# ----------------------------------------------------------------------------- 10/11. signals and pipes
+
+def test_a_signal_during_start_up_exits_75_with_a_message(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "startup", tiny_model_dir, reverse_data)
+    proc = cli("train", cfg, fault="sigterm_startup@0")
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert "during start-up" in proc.stderr and "Traceback" not in proc.stderr
+    assert cli("train", cfg).returncode == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_a_dead_tee_still_writes_the_checkpoint(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "tee", tiny_model_dir, reverse_data, max_steps=3000, save_steps=1000,
+                       eval_steps=1000)
+    run = tmp_path / "tee"
+    proc = cli("train", cfg, wait=False)
+    for line in proc.stdout:
+        if line.startswith("step 20/"):
+            break
+    proc.stdout.close()                   # tee is gone: every later write to stdout is EPIPE
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, proc.stderr.read()
+    assert "Traceback" not in proc.stderr.read()
+    from fullscale.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(run).latest(verify=True)
+    assert latest is not None and latest.step >= 20
+
+
+# ----------------------------------------------------------------------------- 12. the loop's own stops
+
+def test_a_signal_in_the_step_that_decided_early_stopping_keeps_that_stop(tmp_path, tiny_model_dir, reverse_data):
+    # Patience 1 and an impossible min_delta: the step-3 evaluation stops the run; the SIGTERM comes inside it.
+    cfg = write_config(tmp_path, "es", tiny_model_dir, reverse_data, max_steps=12, early_stopping_patience=1,
+                       early_stopping_min_delta=100.0)
+    proc = cli("train", cfg, fault="sigterm_eval@3")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "es" / "training_result.json").read_text())
+    assert result["stop_reason"] == "early_stopping" and result["total_steps"] == 3
+    proc = cli("train", cfg)
+    assert proc.returncode == 0 and "already finished (early_stopping at step 3)" in proc.stdout
+
+
+def test_a_health_abort_with_packing_names_the_rows_and_force_resume_continues_it(tmp_path, tiny_model_dir,
+                                                                                  reverse_data):
+    cfg = write_config(tmp_path, "abort", tiny_model_dir, reverse_data, packing=True, health_nonfinite_action="abort",
+                       health_max_nonfinite=1)
+    proc = cli("train", cfg, fault="nan@4")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    aborts = [r for r in read_metrics(tmp_path / "abort") if r["event"] == "health_abort"]
+    assert aborts and aborts[0]["rows"]
+    proc = cli("train", cfg)
+    assert "already finished (health_abort" in proc.stdout and "force_resume" in proc.stdout
+    proc = cli("train", cfg, "learning_rate=1e-3", "force_resume=true")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "abort" / "training_result.json").read_text())
+    assert result["stop_reason"] == "max_steps" and result["total_steps"] == 6
+    lrs = [r["learning_rate"] for r in read_metrics(tmp_path / "abort") if r["event"] == "train" and r["step"] > 3]
+    assert lrs and max(lrs) <= 1e-3
+
+
+@pytest.mark.slow
+def test_an_error_on_the_main_process_before_a_broadcast_stops_every_rank(tmp_path, tiny_model_dir, reverse_data):
+    cfg = write_config(tmp_path, "rank0", tiny_model_dir, reverse_data)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", FULLSCALE_FAULT="main_error@0")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fullscale",
+                           "train", str(cfg)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode != 0
+    assert "the main process failed" in proc.stderr
+    assert time.time() - t0 < 200   # not the collective timeout
+
+
+# ----------------------------------------------------------------------------- 13-17. inputs
+
+def test_overrides_without_a_config_file_use_the_documented_defaults_not_the_demos(tmp_path, tiny_model_dir,
+                                                                                   reverse_data):
+    out = tmp_path / "own"
+    proc = cli("train", f"model_name_or_path={tiny_model_dir}", f"train_file={reverse_data}", f"output_dir={out}",
+               "max_steps=2", "report_to=none", "gradient_checkpointing=false")
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["learning_rate"] == 2e-4 and saved["gradient_accumulation_steps"] == 4
+    assert saved["per_device_train_batch_size"] == 8 and saved["eval_steps"] == 500
+    assert "fullscale demo" not in proc.stdout
+
+
+def test_a_config_or_overrides_without_a_model_or_data_are_refused(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    for args in ([empty], [f"model_name_or_path={tiny_model_dir}", "train_file="], ["train_file="]):
+        proc = cli("train", *args, f"output_dir={tmp_path / 'never'}")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "train_file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_base_with_missing_tensors_is_refused_with_their_names(tmp_path, tiny_model_dir, reverse_data):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = next(k for k in weights if "layers.1.self_attn.q_proj" in k)
+    del weights[name]
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    proc = cli("train", write_config(tmp_path, "broken", broken, reverse_data))
+    assert proc.returncode == 2, proc.stderr
+    assert name in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_model_fingerprint_covers_every_byte_and_is_hashed_once(tmp_path, monkeypatch):
+    from fullscale import checkpoint, resumption
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    blob = bytearray(os.urandom(12 << 20))
+    (model / "model.safetensors").write_bytes(blob)
+    first = resumption.model_fingerprint(str(model))
+    calls = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    assert resumption.model_fingerprint(str(model)) == first and calls == []   # cached by size+mtime+inode
+    with open(model / "model.safetensors", "r+b") as fh:   # edited in place, in the middle
+        fh.seek(6 << 20)
+        fh.write(b"\x00\x01\x02\x03")
+    assert resumption.model_fingerprint(str(model)) != first
+
+
+def test_mostly_invalid_data_stops_and_the_same_rows_under_another_name_resume(tmp_path, tiny_model_dir,
+                                                                              reverse_data):
+    bad = tmp_path / "bad.jsonl"
+    lines = reverse_data.read_text().splitlines()
+    bad.write_text("\n".join(line if i % 10 == 0 else "{broken" for i, line in enumerate(lines)) + "\n")
+    proc = cli("train", write_config(tmp_path, "bad", tiny_model_dir, bad))
+    assert proc.returncode == 2, proc.stderr
+    assert "max_invalid_share" in proc.stderr and "invalid JSON" in proc.stderr
+
+    cfg = write_config(tmp_path, "renamed", tiny_model_dir, reverse_data)
+    assert cli("train", cfg, fault="step@4").returncode == -signal.SIGKILL
+    copy = tmp_path / "same-rows.jsonl"
+    shutil.copyfile(reverse_data, copy)
+    proc = cli("train", cfg, f"train_file={copy}")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from checkpoint-3" in proc.stdout
+
+
+@pytest.mark.parametrize("override, words", [
+    ("seed=-1", "seed"), ("num_train_epochs=.inf", "finite"), ("learning_rate=.inf", "finite"),
+    ("max_seq_length=4096", "positions"),
+])
+def test_bad_values_are_clear_errors_before_anything_loads(tmp_path, tiny_model_dir, reverse_data, override, words):
+    cfg = write_config(tmp_path, "vals", tiny_model_dir, reverse_data)
+    proc = cli("train", cfg, override, "max_steps=-1" if "epochs" in override else "max_steps=6")
+    assert proc.returncode == 2, proc.stderr
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_files_with_duplicate_keys_or_not_utf8_are_clear_errors(tmp_path):
+    from fullscale.config import load_config
+    from fullscale.errors import ConfigError
+
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("learning_rate: 1e-4\nseed: 3\nlearning_rate: 2e-4\n")
+    with pytest.raises(ConfigError, match=r"learning_rate is set twice .*dup.yaml:1 and .*dup.yaml:3"):
+        load_config(dup)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("output_dir: runs/caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(latin)
+
+
+def test_tilde_paths_adapter_dirs_tokenizers_and_eval_formats(tmp_path, tiny_model_dir, reverse_data, finished):
+    from fullscale.config import load_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copyfile(reverse_data, home / "data.jsonl")
+    env = {"HOME": str(home)}
+    cfg = write_config(tmp_path, "tilde", tiny_model_dir, "~/data.jsonl", output_dir="~/run", max_steps=2)
+    proc = cli("train", cfg, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (home / "run" / "training_result.json").is_file()
+    assert load_config(None, {"train_file": "~/x"}).train_file == os.path.expanduser("~/x")
+
+    # A LoRA adapter given as the model: say so, and name its base.
+    proc = cli("train", write_config(tmp_path, "adapter", finished / "best_model", reverse_data))
+    assert proc.returncode == 2 and "is a LoRA adapter" in proc.stderr
+
+    # A tokenizer with neither eos nor pad.
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    tok = json.loads((bare / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "pad_token"):
+        tok[key] = None
+    (bare / "tokenizer_config.json").write_text(json.dumps(tok))
+    proc = cli("train", write_config(tmp_path, "bare", bare, reverse_data))
+    assert proc.returncode == 2 and "neither a pad token nor an eos token" in proc.stderr, proc.stderr
+
+    # An eval_file in another format: the fix named is converting eval_file, not changing dataset_format.
+    other = tmp_path / "eval.jsonl"
+    other.write_text(json.dumps({"text": "rev ab: ba"}) + "\n")
+    proc = cli("train", write_config(tmp_path, "evalfmt", tiny_model_dir, reverse_data, eval_file=str(other),
+                                     eval_split=0.0))
+    assert proc.returncode == 2 and "Convert eval_file" in proc.stderr, proc.stderr
+
+    proc = cli("generate", finished, "--prompt", "x", "--max-new-tokens", "-5")
+    assert proc.returncode == 2 and "must be >= 1" in proc.stderr
