@@ -51,17 +51,12 @@ def is_own_name(name: str) -> bool:
     return name in OWN_FILES or name in OWN_DIRS or bool(_OWN_RE.match(name))
 
 
-def pid_alive(pid: Any) -> bool:
-    """True when a process with this pid exists on this host."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def pid_alive(pid: Any, *, since: float | None = None) -> bool:
+    """True when a process with this pid exists on this host (and, given `since`, started before it:
+    a reused pid is not the holder)."""
+    from fullscale.status import process_alive
+
+    return process_alive(pid, updated=since)
 
 
 def _is_legacy_run(path: Path) -> bool:
@@ -225,7 +220,7 @@ class RunLock:
 
 def _holder_alive(holder: dict[str, Any]) -> bool:
     if holder.get("host") == socket.gethostname():
-        return pid_alive(holder.get("pid"))
+        return pid_alive(holder.get("pid"), since=holder.get("since"))
     beat = holder.get("heartbeat")
     return isinstance(beat, (int, float)) and time.time() - beat < STALE_SECONDS
 
@@ -265,20 +260,27 @@ def previous_results(run_dir: Path) -> list[str]:
         found.append("best_model/")
     if (run_dir / "training_result.json").exists():
         found.append("training_result.json")
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        events = set()
-        with open(metrics, errors="replace") as fh:
-            for line in fh:
-                if '"event"' in line:
-                    try:
-                        events.add(json.loads(line).get("event"))
-                    except (ValueError, AttributeError):
-                        continue
-        if events & {"checkpoint", "train_end"}:
-            found.append("metrics.jsonl")
+    if _records_results(run_dir / "metrics.jsonl"):
+        found.append("metrics.jsonl")
     found += sorted(p.name + "/" for p in run_dir.glob("checkpoint-*.invalid-*"))
     return found
+
+
+def _records_results(metrics: Path) -> bool:
+    """Whether metrics.jsonl records a committed checkpoint or the end of a run. Read as bytes in
+    blocks (a long run's file has millions of lines); Monitor writes `{"event": "<kind>", ...`."""
+    needles = (b'{"event": "checkpoint"', b'{"event": "train_end"')
+    try:
+        with open(metrics, "rb") as fh:
+            tail = b""
+            while block := fh.read(1 << 22):
+                chunk = tail + block
+                if any(n in chunk for n in needles):
+                    return True
+                tail = chunk[-32:]
+    except OSError:
+        return False
+    return False
 
 
 def interrupted_start(run_dir: Path, same_run: Callable[[dict[str, Any]], bool]) -> bool:

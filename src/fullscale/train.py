@@ -293,7 +293,7 @@ class Run:
         """best_model/: adapter + tokenizer of the best eval loss, replaced atomically. Every rank
         calls it (under FSDP or DeepSpeed the adapter is gathered); rank 0 writes."""
         adapter = self.gathered_adapter()
-        error: list[str | None] = [None]
+        failure: Exception | None = None
 
         def write(d: Path) -> None:
             self.save_adapter(d, adapter)
@@ -305,16 +305,21 @@ class Run:
                                   manifest={"step": step, "eval_loss": eval_loss,
                                             "provenance": {"base_model": resolve_model_path(self.config),
                                                            "fingerprints": self.fingerprints}})
-            except DiskSpaceError as exc:
-                error[0] = str(exc)
-        self.raise_together(error)
+            except Exception as exc:   # noqa: BLE001 - re-raised on every rank by raise_together
+                failure = exc
+        self.raise_together(failure)
 
-    def raise_together(self, error: list[str | None]) -> None:
-        """A disk failure of the main process's write stops every rank (none waits on a dead writer)."""
+    def raise_together(self, failure: Exception | None) -> None:
+        """A failure of the main process's write stops every rank (none waits in a collective on a
+        writer that is gone): the main process raises it, the others a DiskSpaceError (exit 1) saying so."""
+        error = [None if failure is None else str(failure) if isinstance(failure, DiskSpaceError)
+                 else f"the main process failed while saving: {type(failure).__name__}: {failure}"]
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             broadcast_object_list(error)
+        if failure is not None:
+            raise failure
         if error[0]:
             raise DiskSpaceError(error[0])
 
@@ -407,7 +412,7 @@ class Run:
         adapter = self.gathered_adapter()
         optimizer_state = self.gathered_optimizer_state()
         self.state.train_seconds, self._time_base = self.elapsed(), time.perf_counter()
-        error: list[str | None] = [None]
+        failure: Exception | None = None
         if self.is_main:
             payload = {"train_state": asdict(self.state), "early_stopping": self.stopper.state_dict(),
                        "health": self.health.state_dict(),
@@ -432,9 +437,9 @@ class Run:
                 removed = self.manager.rotate(best_step=self.stopper.best_step)
                 self.monitor.event("checkpoint", step, path=path.name, size_bytes=ckpt.dir_size(path),
                                    removed=removed, seconds=time.perf_counter() - t0, stop_reason=stop_reason)
-            except DiskSpaceError as exc:
-                error[0] = str(exc)
-        self.raise_together(error)
+            except Exception as exc:   # noqa: BLE001 - re-raised on every rank by raise_together
+                failure = exc
+        self.raise_together(failure)
 
     def reduce_tokens(self, tokens: int) -> int:
         """Sum a host-side count over ranks."""
@@ -958,8 +963,10 @@ def fit(run: Run) -> str:
             # Stop? (the end of the schedule, or a preemption signal on any rank)
             if step >= run.total_steps and stop_reason is None:
                 stop_reason = end
-            if run.preemption.agreed(acc, device) and stop_reason is None:
-                stop_reason = "preempted"   # a decided stop (end, early stopping, health) is kept
+            if run.preemption.agreed(acc, device) and stop_reason in (None, end):
+                # The end of the schedule waits for the resume (its evaluation is marked pending, so
+                # the save is quick); a stop this step decided (a health abort) is kept.
+                stop_reason = "preempted"
             t0 = time.perf_counter()
             stop_reason = after_step(step, stop_reason)
             log_start += time.perf_counter() - t0  # evaluation and saving are not training throughput
