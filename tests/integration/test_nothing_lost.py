@@ -304,30 +304,32 @@ def test_export_and_generate_find_a_best_model_a_kill_left_aside(tmp_path, tiny_
 
 # ----------------------------------------------------------------------------- 6/7. security, modes
 
-def test_trust_remote_code_is_never_read_from_an_export(tmp_path, finished, tiny_model_dir, reverse_data):
-    _, run = copy_run(finished, tmp_path, tiny_model_dir, reverse_data)
-    out = tmp_path / "merged"
-    assert cli("export", run, "--merge", "--out", out).returncode == 0
+def test_trust_remote_code_is_never_read_from_an_export_or_a_run(tmp_path, tiny_model_dir, reverse_data):
+    # A base with custom modelling code that leaves a trace when it runs; the run trusted it.
+    base = tmp_path / "custom-base"
+    shutil.copytree(tiny_model_dir, base)
     sentinel = tmp_path / "remote-code-ran"
-    (out / "custom_model.py").write_text(
-        f"open({str(sentinel)!r}, 'w').write('ran')\n"
+    (base / "custom_model.py").write_text(
+        f"open({str(sentinel)!r}, 'a').write('ran')\n"
         "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "class CustomConfig(LlamaConfig):\n    model_type = 'llama'\n"
         "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((base / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}
-    (out / "config.json").write_text(json.dumps(config))
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest["provenance"]["config"]["trust_remote_code"] = True
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    proc = cli("generate", out, "--prompt", "rev abc:", "--max-new-tokens", "2")
-    assert not sentinel.exists(), "the export's remote code ran without the user asking"
-    assert "Traceback" not in proc.stderr
-
-    from fullscale import load_trained_model
-
-    load_trained_model(None, out)
-    assert not sentinel.exists()
+    (base / "config.json").write_text(json.dumps(config))
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    cfg = write_config(tmp_path, "trusted", base, reverse_data, max_steps=3, trust_remote_code=True)
+    assert cli("train", cfg, env_extra=env).returncode == 0
+    assert sentinel.exists()   # the user asked for it in this run's config
+    out = tmp_path / "adapter"
+    assert cli("export", tmp_path / "trusted", "--out", out, env_extra=env).returncode == 0
+    sentinel.unlink(missing_ok=True)
+    for target in (out, tmp_path / "trusted"):   # an export whose provenance, a run whose config say true
+        proc = cli("generate", target, "--prompt", "rev abc:", "--max-new-tokens", "2", env_extra=env)
+        assert not sentinel.exists(), f"remote code ran for generate {target} without the user asking"
+        assert "Traceback" not in proc.stderr
+    proc = cli("generate", out, "--prompt", "rev abc:", "--max-new-tokens", "2", "--trust-remote-code", env_extra=env)
+    assert proc.returncode == 0 and sentinel.exists()   # asked for on the command line
 
 
 def test_weights_are_written_with_the_umask_mode(tmp_path, finished, tiny_model_dir, reverse_data):
