@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,12 @@ class ModelChoices:
     dtype: torch.dtype
     attn_implementation: str
     tf32: bool
+    attention_reason: str = ""      # why this kernel (attn_implementation: auto)
 
     def describe(self) -> str:
-        return f"dtype {str(self.dtype).replace('torch.', '')}, attention {self.attn_implementation}, tf32 {'on' if self.tf32 else 'off'}"
+        why = f" ({self.attention_reason})" if self.attention_reason else ""
+        return (f"dtype {str(self.dtype).replace('torch.', '')}, attention {self.attn_implementation}{why}, "
+                f"tf32 {'on' if self.tf32 else 'off'}")
 
 
 def choose(config: Config, device: torch.device) -> ModelChoices:
@@ -38,8 +42,18 @@ def choose(config: Config, device: torch.device) -> ModelChoices:
     dtype = torch.bfloat16 if use_bf16 else torch.float32
 
     has_flash = importlib.util.find_spec("flash_attn") is not None
+    why = ""
     if config.attn_implementation == "auto":
-        attn = "flash_attention_2" if (on_cuda and has_flash and use_bf16) else "sdpa"
+        supports_sdpa, supports_flash = attention_support(config)
+        if on_cuda and has_flash and use_bf16 and supports_flash:
+            attn, why = "flash_attention_2", "flash-attn installed, CUDA, bf16"
+        elif supports_sdpa:
+            attn = "sdpa"
+            why = ("the model has no flash-attention kernel" if on_cuda and has_flash and use_bf16 and not supports_flash
+                   else "flash-attn not installed" if on_cuda and not has_flash else
+                   "flash-attn needs CUDA and bf16" if has_flash else "")
+        else:
+            attn, why = "eager", "the model does not support sdpa"
     elif config.attn_implementation == "flash_attention_2" and not (on_cuda and has_flash):
         why = "flash-attn is not installed" if not has_flash else "the device is not a CUDA GPU"
         log.warning("attn_implementation flash_attention_2 requested but %s; using sdpa", why)
@@ -51,7 +65,21 @@ def choose(config: Config, device: torch.device) -> ModelChoices:
     if on_cuda and config.tf32 is not False:
         major, _ = torch.cuda.get_device_capability(device)
         tf32 = major >= 8
-    return ModelChoices(dtype=dtype, attn_implementation=attn, tf32=tf32)
+    return ModelChoices(dtype=dtype, attn_implementation=attn, tf32=tf32, attention_reason=why)
+
+
+def attention_support(config: Config) -> tuple[bool, bool]:
+    """(sdpa, flash_attention_2) support of the model's class, read from its config.json; where the
+    class cannot be told (custom code, no config), sdpa is assumed as transformers does."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model_cfg = AutoConfig.from_pretrained(resolve_model_path(config), trust_remote_code=config.trust_remote_code)
+        cls = AutoModelForCausalLM._model_mapping[type(model_cfg)]
+    except Exception:  # noqa: BLE001 - unknown: keep the transformers default
+        return True, True
+    flash = getattr(cls, "_supports_flash_attn", getattr(cls, "_supports_flash_attn_2", False))
+    return bool(getattr(cls, "_supports_sdpa", False)), bool(flash)
 
 
 def resolve_model_path(config: Config) -> str:
@@ -136,26 +164,126 @@ def _load_error(what: str, path: str, exc: Exception) -> str:
     return f"cannot load the {what} from {path}: {text}. {hint}"
 
 
+# The default lora_target_modules means "the attention projections", whatever a model calls them:
+# the Linear/Conv1D layers inside its attention blocks (q/k/v/o, fused qkv_proj, query_key_value,
+# c_attn, Wqkv, MLA's q_a/q_b/kv_a/kv_b, out_proj, dense ...).
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ATTENTION_BLOCK = re.compile(r"(^|_)(attn|attention)$|^(self_attn|self_attention|mixer)$")
+
+
+def linear_layers(model) -> list[str]:
+    """Full names of the model's Linear and transformers Conv1D layers (GPT-2 style), output layer excluded."""
+    from transformers.pytorch_utils import Conv1D
+
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
+
+
+def fused_expert_parameters(model) -> list[str]:
+    """Suffixes ("mlp.experts.gate_up_proj") of the 3-D expert weights of MoE blocks that hold
+    their experts fused in one tensor instead of one Linear each."""
+    found = set()
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if param.dim() == 3 and len(parts) >= 3 and "expert" in parts[-2]:
+            found.add(".".join(parts[-3:]))
+    return sorted(found)
+
+
+@dataclass
+class LoraTargets:
+    """What peft is asked to wrap, and how to say it."""
+
+    modules: list[str] | str                 # names, a full-match regex, or "all-linear"
+    parameters: list[str]                    # fused MoE expert weights (peft ParamWrapper)
+    meaning: str                             # in the user's words
+
+
+def _suffix(name: str) -> str:
+    """A layer's kind: its name and the nearest named (not numbered) block, e.g. "self_attn.q_proj"."""
+    parts = name.split(".")
+    parent = next((p for p in reversed(parts[:-1]) if not p.isdigit()), "")
+    return f"{parent}.{parts[-1]}" if parent else parts[-1]
+
+
+def resolve_lora_targets(model, config: Config) -> LoraTargets:
+    """lora_target_modules for this model: the default resolves to its attention projections, an
+    explicit list is checked name by name, all-linear adds fused MoE experts. Raises ModelError."""
+    linear = linear_layers(model)
+    listing = ", ".join(sorted({_suffix(n) for n in linear})) or "(none)"
+    wanted = config.lora_target_modules
+    if wanted == "all-linear":
+        return LoraTargets("all-linear", fused_expert_parameters(model), "all linear layers")
+    if "lora_target_modules" in config.explicit:
+        unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linear)]
+        if unmatched:
+            raise ModelError(
+                f"lora_target_modules: {', '.join(unmatched)} match no Linear/Conv1D layer of this model. Its layers "
+                f"are: {listing}. Name some of them, leave lora_target_modules out for the attention projections, or "
+                "use all-linear")
+        return LoraTargets(list(wanted), [], "the layers named in lora_target_modules")
+    attention = [n for n in linear if len(n.split(".")) >= 2 and _ATTENTION_BLOCK.search(n.split(".")[-2])]
+    if not attention:
+        raise ModelError(
+            f"cannot find the attention projections of this model (no Linear/Conv1D inside a module named like "
+            f"*attn* or *attention*). Its layers are: {listing}. Set lora_target_modules to some of them, or all-linear")
+    names = {n.rsplit(".", 1)[-1] for n in attention}
+    outside = {n.rsplit(".", 1)[-1] for n in linear} - names
+    if names <= set(DEFAULT_TARGETS) and not (names & outside):
+        return LoraTargets(list(DEFAULT_TARGETS), [], "the attention projections")   # peft matches by name
+    # Other names, or names shared with the MLP (GPT-2's c_proj): a regex on the block and the layer.
+    pairs = sorted({_suffix(n) for n in attention})
+    regex = r".*\.(?:" + "|".join(re.escape(p) for p in pairs) + r")$"
+    return LoraTargets(regex, [], "the attention projections")
+
+
+def describe_wrapped(model) -> str:
+    """The modules LoRA wraps, by kind: "self_attn.q_proj x4, ..., mlp.experts.gate_up_proj x2 (expert weights)"."""
+    from peft.tuners.lora import LoraLayer
+
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            kind = _suffix(re.sub(r"\.base_layer$", "", name))
+            if type(module).__name__ == "ParamWrapper":
+                param = getattr(module, "parameter_name", "weight")
+                kind = f"{kind}.{param} ({'fused experts' if 'expert' in kind else 'parameter'})"
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
 def add_lora(model, config: Config):
-    """Wrap `model` with LoRA adapters (peft); the base weights are frozen."""
+    """Wrap `model` with LoRA adapters (peft); the base weights are frozen. Fused MoE experts
+    (peft's ParamWrapper, which takes no dropout) get LoRA without dropout; every other layer keeps
+    lora_dropout."""
     from peft import LoraConfig, get_peft_model
 
+    targets = resolve_lora_targets(model, config)
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
+        lora_dropout=0.0 if targets.parameters else config.lora_dropout,
+        target_modules=targets.modules,
+        target_parameters=targets.parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as exc:
-        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ModelError(
-            f"lora_target_modules {config.lora_target_modules!r} do not match this model ({exc}). "
-            f"Its linear layers are named: {', '.join(names)}; or use lora_target_modules: all-linear"
-        ) from None
+        listing = ", ".join(sorted({_suffix(n) for n in linear_layers(model)}))
+        raise ModelError(f"peft cannot add LoRA to this model ({exc}). Its layers are: {listing}; set "
+                         "lora_target_modules to some of them") from None
+    if targets.parameters and config.lora_dropout:
+        from peft.tuners.lora import LoraLayer
+
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer) and type(module).__name__ != "ParamWrapper":
+                for adapter in module.lora_dropout:
+                    module.lora_dropout[adapter] = torch.nn.Dropout(p=config.lora_dropout)
+    peft_model.fullscale_targets = targets
+    return peft_model
 
 
 def enable_gradient_checkpointing(model) -> None:

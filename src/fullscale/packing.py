@@ -21,6 +21,7 @@ by one in the loss). In an unpacked example that label is never used either.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from dataclasses import dataclass
 
@@ -147,3 +148,43 @@ def collate_packed(rows: list[dict], *, pad_token_id: int, flatten: bool = False
         position_ids[i, n:] = ramp[: longest - n]   # the pad block counts from 0 again
         real_mask[i, :n] = 1
     return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "real_mask": real_mask}
+
+
+# Packed examples must not see each other: proven on the real model before a packed run trains.
+ISOLATION_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def isolation_error(model, *, pad_token_id: int, vocab_size: int) -> tuple[float, str | None]:
+    """Packs two short random examples into one row (beside a second row, as in a batch), runs the
+    model, and compares the second example's logits with the same example run alone.
+
+    Returns (max |logit difference|, why the model cannot isolate packed examples or None). A model
+    whose forward takes no position_ids (ALiBi models such as bloom) cannot be told where an
+    example starts, whatever the difference on this pair."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return math.inf, f"{type(base).__name__} takes no position_ids, from which packed rows are told apart"
+    g = torch.Generator().manual_seed(0)
+    low = min(8, vocab_size - 1)
+    a, b, c = (torch.randint(low, vocab_size, (n,), generator=g).tolist() for n in (7, 5, 9))
+
+    def row(*examples):
+        ids = [t for ex in examples for t in ex]
+        return {"input_ids": ids, "labels": ids, "position_ids": [p for ex in examples for p in range(len(ex))]}
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            packed = collate_packed([row(a, b), row(c)], pad_token_id=pad_token_id)
+            alone = collate_packed([row(b)], pad_token_id=pad_token_id)
+            got = model(input_ids=packed["input_ids"].to(device), position_ids=packed["position_ids"].to(device),
+                        use_cache=False).logits[0, len(a):len(a) + len(b)].float()
+            want = model(input_ids=alone["input_ids"].to(device), position_ids=alone["position_ids"].to(device),
+                         use_cache=False).logits[0, :len(b)].float()
+    finally:
+        model.train(was_training)
+    return float((got - want).abs().max()), None

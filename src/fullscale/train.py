@@ -12,6 +12,7 @@ bitwise equal to an uninterrupted one on the CPU in fp32.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from fullscale.errors import ConfigError, DiskSpaceError, UserError
 from fullscale.evaluate import EvalResult, evaluate
 from fullscale.health import HealthEvent, HealthMonitor
 from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_loss_sum
-from fullscale.model import build_model, choose, count_parameters, load_tokenizer, resolve_model_path
+from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
 from fullscale import sharding, zero
@@ -185,6 +186,21 @@ def eval_batches(examples: list[dict], *, batch_size: int, rank: int, num_proces
             batch = collate([examples[order[-1]]], pad_token_id=pad_token_id)
             batch["labels"].fill_(IGNORE_INDEX)
             yield batch
+
+
+def check_packing(model, config: Config, tokenizer, choices) -> None:
+    """packing: true trains only on a model proven to keep packed examples apart (fullscale.packing)."""
+    from fullscale.packing import ISOLATION_TOLERANCE, isolation_error
+
+    diff, cannot = isolation_error(model, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
+    tolerance = ISOLATION_TOLERANCE.get(choices.dtype, 1e-5)
+    if cannot or diff > tolerance:
+        why = cannot or (f"an example packed after another gets logits up to {diff:.3g} away from the same example "
+                         f"alone (tolerance {tolerance:g}), so it attends across the boundary")
+        raise ConfigError(
+            f"packing: true is refused for this model ({type(model.get_base_model()).__name__}, attention "
+            f"{choices.attn_implementation}): {why}. Packed examples would see each other. Set packing: false "
+            "(group_by_length: true cuts most of the padding without packing)")
 
 
 def check_invalid_share(data, config: Config) -> None:
@@ -670,13 +686,25 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
         from fullscale.data import pack_examples
 
         data.train, packing = pack_examples(data.train, max_seq_length=config.max_seq_length, seed=config.seed)
-        console.print(packing.describe())
     model = build_model(config, choices)
     trainable, total = count_parameters(model)
+    targets = model.fullscale_targets
+    # What LoRA wraps is part of what a resume must continue: the names of the adapter's tensors.
+    names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    fps["lora_modules"] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    recorded = (saved or {}).get("fingerprints", {}).get("lora_modules")
+    if recorded not in (None, fps["lora_modules"]) and not config.force_resume:
+        raise resuming.refuse(run_dir, ["the layers LoRA wraps (lora_target_modules resolved on this model) changed"])
     console.print(f"model {model_path}: {choices.describe()}; LoRA r={config.lora_rank} alpha={config.lora_alpha} "
-                  f"on {config.lora_target_modules}: {trainable:,} trainable of {total:,} parameters "
+                  f"on {targets.meaning}: {describe_wrapped(model)}; {trainable:,} trainable of {total:,} parameters "
                   f"({100 * trainable / total:.2f}%)")
+    if targets.parameters and config.lora_dropout:
+        console.print(f"LoRA on the fused expert weights ({', '.join(targets.parameters)}) runs without dropout "
+                      f"(peft's ParamWrapper takes none); lora_dropout={config.lora_dropout:g} applies to every other layer")
     model.to(device)
+    if config.packing:
+        check_packing(model, config, tokenizer, choices)   # before any efficiency is reported
+        console.print(packing.describe())
     if fsdp is not None:
         sharding.shard(model, fsdp, device=device, num_processes=world)   # before the optimizer sees the parameters
         console.print(fsdp.describe())
