@@ -25,11 +25,9 @@ import math
 import os
 import random
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -683,7 +681,7 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
         key = None
     if key is None:
         return _prepare(tokenizer=tokenizer, **settings)
-    path = directory / f"{key}.npz"
+    path = directory / f"{key}.store"
     files = {"train": str(train_file), "eval": str(eval_file) if eval_file else None}
     note = None
     if path.exists():
@@ -697,9 +695,19 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
     data = _prepare(tokenizer=tokenizer, **settings)
     try:
         _save_cached(path, key, data, files=files)
-        data.messages.append(note or f"tokenized data: cached in {path}")
     except OSError as exc:  # a read-only or full cache disk never stops a run
         data.messages.append(f"tokenized data: not cached ({exc}); set FULLSCALE_CACHE to a writable directory")
+        return data
+    # From here on the examples are views into the store: the lists just built are freed, and
+    # the memory a run holds for its data does not grow with the data.
+    messages = data.messages + [note or f"tokenized data: cached in {path}"]
+    del data
+    try:
+        data = _load_cached(path, key, files=files)
+    except Exception as exc:  # noqa: BLE001 - the store just written cannot be read back: say so, rebuild
+        raise DataError(f"the token store {path} just written cannot be read back ({exc}); check the disk of "
+                        "FULLSCALE_CACHE, or set FULLSCALE_CACHE=off") from None
+    data.messages = messages
     return data
 
 
@@ -901,7 +909,7 @@ def _tokenize_items_parallel(fmt: str, items: list, tokenizer) -> list[tuple[lis
 # temporary file and renamed into place, so a reader sees a whole entry or none; an entry that
 # cannot be read (truncated, corrupt, from another version) is rebuilt.
 
-CACHE_VERSION = 1  # bump when the cached layout or meaning changes
+CACHE_VERSION = 2  # bump when the cached layout or meaning changes (2: the memory-mapped token store)
 
 
 def cache_dir() -> Path | None:
@@ -920,11 +928,10 @@ def _digest_path(path, h) -> None:
     """Every byte of a data file, or of every file of a save_to_disk directory (with their names)."""
     p = Path(path)
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    from fullscale.resumption import file_sha256   # cached by inode, size and mtime: a large file is read once
+
     for f in files:
-        h.update(f"{f.relative_to(p) if p.is_dir() else ''}:{f.stat().st_size}\n".encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
+        h.update(f"{f.relative_to(p) if p.is_dir() else ''}:{f.stat().st_size}:{file_sha256(f)}\n".encode())
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -980,52 +987,25 @@ def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, 
 
 
 def _save_cached(path: Path, key: str, data: PreparedData, *, files: dict[str, str | None]) -> None:
-    import numpy as np
+    from fullscale import tokenstore
 
-    arrays: dict[str, Any] = {}
-    for name, examples in (("train", data.train), ("eval", data.eval or [])):
-        lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
-        arrays[f"{name}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        arrays[f"{name}_input_ids"] = np.fromiter(chain.from_iterable(ex["input_ids"] for ex in examples),
-                                                  dtype=np.int32)
-        arrays[f"{name}_labels"] = np.fromiter(chain.from_iterable(ex["labels"] for ex in examples), dtype=np.int32)
-        arrays[f"{name}_rows"] = np.fromiter((ex["row"] for ex in examples), dtype=np.int64, count=len(examples))
     meta = {"version": CACHE_VERSION, "key": key, "format": data.format, "has_eval": data.eval is not None,
             "train_stats": asdict(data.train_stats),
             "eval_stats": asdict(data.eval_stats) if data.eval_stats is not None else None,
             "messages": list(data.messages), "files": files}
-    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: concurrent writers (one per rank) each put a whole file in place
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tokenstore.write(path, {"train": data.train, "eval": data.eval}, meta)
 
 
 def _load_cached(path: Path, key: str, *, files: dict[str, str | None]) -> PreparedData:
-    """The cached result; its messages name this call's files (the same contents may have been
-    cached from another directory)."""
-    import numpy as np
+    """The cached result, memory-mapped (fullscale.tokenstore); its messages name this call's files
+    (the same contents may have been cached from another directory)."""
+    from fullscale import tokenstore
 
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(z["meta"].tobytes().decode())
-        if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
-            raise ValueError("written by another version, or for other data")
-        splits = {}
-        for name in ("train", "eval"):
-            offsets = z[f"{name}_offsets"].tolist()
-            ids, labels = z[f"{name}_input_ids"].tolist(), z[f"{name}_labels"].tolist()
-            rows = z[f"{name}_rows"].tolist()
-            if len(offsets) != len(rows) + 1 or offsets[-1] != len(ids) or len(labels) != len(ids):
-                raise ValueError(f"inconsistent {name} arrays")
-            splits[name] = [{"input_ids": ids[a:b], "labels": labels[a:b], "row": r}
-                            for a, b, r in zip(offsets, offsets[1:], rows)]
+    meta, splits = tokenstore.open_splits(path)
+    if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
+        raise ValueError("written by another version, or for other data")
+    if "train" not in splits or (meta["has_eval"] and "eval" not in splits):
+        raise ValueError("a split is missing")
 
     def stats(d: dict | None) -> DataStats | None:
         if d is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,8 @@ class PackingStats:
                 f"tokens ({self.examples_per_row:.1f} examples per row), efficiency {100 * self.efficiency:.1f}%")
 
 
-def pack_examples(examples: list[dict], *, max_seq_length: int, seed: int) -> tuple[list[dict], PackingStats]:
+def pack_examples(examples: list[dict], *, max_seq_length: int, seed: int,
+                  lazy: bool = False) -> tuple[list[dict], PackingStats]:
     """Pack tokenized examples ({"input_ids", "labels", "row"}) into rows of <= max_seq_length tokens.
 
     Best-fit decreasing: examples are taken longest first (equal lengths in an order drawn from
@@ -63,20 +65,24 @@ def pack_examples(examples: list[dict], *, max_seq_length: int, seed: int) -> tu
     tokens one after another; their labels with the first label of each example set to -100;
     position ids restarting at 0 for each example; the source row numbers and lengths, in order.
     Raises ValueError for an example longer than max_seq_length (prepare_data truncates them).
+    `lazy`: return PackedRows (bins of indices, rows put together when read) instead of a list.
     """
-    for ex in examples:
-        if len(ex["input_ids"]) > max_seq_length:
-            raise ValueError(f"example of row {ex.get('row')} has {len(ex['input_ids'])} tokens, more than "
+    from fullscale.tokenstore import example_lengths
+
+    lengths = example_lengths(examples)   # from the token store's offsets when the examples are views
+    for i, n in enumerate(lengths):
+        if n > max_seq_length:
+            raise ValueError(f"example of row {examples[i].get('row')} has {n} tokens, more than "
                              f"max_seq_length={max_seq_length}: truncate before packing")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    order.sort(key=lambda i: -len(examples[i]["input_ids"]))  # stable: ties keep the seeded order
+    order.sort(key=lambda i: -lengths[i])  # stable: ties keep the seeded order
 
     bins: list[list[int]] = []                # example indices per row
     room: dict[int, list[int]] = {}           # space left -> rows with that much space (a stack)
     sizes: list[int] = []                     # the distinct non-zero space-left values, sorted
     for i in order:
-        n = len(examples[i]["input_ids"])
+        n = lengths[i]
         k = bisect.bisect_left(sizes, n)      # the smallest space left that fits (best fit)
         if k < len(sizes):
             space = sizes[k]
@@ -95,10 +101,36 @@ def pack_examples(examples: list[dict], *, max_seq_length: int, seed: int) -> tu
                 bisect.insort(sizes, left)
             room[left].append(b)
 
-    packed = [_pack_row([examples[i] for i in members]) for members in bins]
+    packed = PackedRows(examples, bins)
+    if not lazy:
+        packed = [packed[i] for i in range(len(packed))]
     stats = PackingStats(num_examples=len(examples), num_rows=len(packed),
-                         num_tokens=sum(len(ex["input_ids"]) for ex in examples), max_seq_length=max_seq_length)
+                         num_tokens=sum(lengths), max_seq_length=max_seq_length)
     return packed, stats
+
+
+class PackedRows(Sequence):
+    """Packed rows as bins of example indices into the examples (a token store's views): a row's
+    tokens are put together when it is read, a batch at a time, so packing holds no second copy of
+    the data."""
+
+    def __init__(self, examples, bins: list[list[int]]):
+        self.examples, self.bins = examples, bins
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return _pack_row([self.examples[j] for j in self.bins[i]])
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(self[i] == other[i] for i in range(len(self)))
+
+    __hash__ = None
 
 
 def _pack_row(members: list[dict]) -> dict:

@@ -39,6 +39,7 @@ from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_l
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
+from fullscale.tokenstore import example_lengths
 from fullscale import sharding, zero
 
 STOP_REASONS = ("max_steps", "epochs", "early_stopping", "preempted", "health_abort")
@@ -176,7 +177,8 @@ def eval_batches(examples: list[dict], *, batch_size: int, rank: int, num_proces
     short of one runs the shortest example with no label, which adds nothing to the loss."""
     from fullscale.data import collate
 
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
+    sizes = example_lengths(examples)
+    order = sorted(range(len(examples)), key=lambda i: (-sizes[i], i))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     mine = [chunk for j, chunk in enumerate(chunks) if j % num_processes == rank]
     for chunk in mine:
@@ -675,9 +677,12 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
         if changes:
             console.print(f"resume: accepted changed settings: {'; '.join(changes)}")
     tokenizer = load_tokenizer(config)
-    data = prepare_data(train_file=train_file, eval_file=config.eval_file, eval_split=config.eval_split,
-                        dataset_format=config.dataset_format, max_seq_length=config.max_seq_length,
-                        seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows)
+    # Tokenized once per node: the local main process prepares (or finds) the token store, the
+    # other ranks of the node wait, then open the same store (a cache hit, memory-mapped).
+    with accelerator.local_main_process_first():
+        data = prepare_data(train_file=train_file, eval_file=config.eval_file, eval_split=config.eval_split,
+                            dataset_format=config.dataset_format, max_seq_length=config.max_seq_length,
+                            seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows)
     for line in data.messages:
         console.print(line)
     check_invalid_share(data, config)
@@ -685,7 +690,8 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     if config.packing:
         from fullscale.data import pack_examples
 
-        data.train, packing = pack_examples(data.train, max_seq_length=config.max_seq_length, seed=config.seed)
+        data.train, packing = pack_examples(data.train, max_seq_length=config.max_seq_length, seed=config.seed,
+                                            lazy=True)   # bins of indices into the token store
     model = build_model(config, choices)
     trainable, total = count_parameters(model)
     targets = model.fullscale_targets
@@ -859,7 +865,7 @@ def fit(run: Run) -> str:
         model.train()
         return stop
 
-    lengths = [len(ex["input_ids"]) for ex in run.data.train] if config.group_by_length else None
+    lengths = example_lengths(run.data.train) if config.group_by_length else None
     if lengths is not None:
         kw = dict(num_examples=len(lengths), seed=config.seed, epoch=state.epoch, global_batch_size=global_batch,
                   num_processes=world)

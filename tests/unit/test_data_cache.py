@@ -4,6 +4,7 @@ result misses, a corrupt entry is rebuilt, and the worker-process path gives the
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def same_data(a, b) -> bool:
 
 
 def entries() -> list[Path]:
-    return sorted(cache_dir().glob("*.npz"))
+    return sorted(cache_dir().glob("*.store"))
 
 
 def test_the_second_call_reads_the_cache_and_returns_identical_data(tmp_path, tokenizer, monkeypatch):
@@ -127,7 +128,12 @@ def test_a_corrupt_cache_entry_is_ignored_and_rebuilt(tmp_path, tokenizer, damag
     first = prepare(path, tokenizer)
     (entry,) = entries()
     raw = entry.read_bytes()
-    entry.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"not a zip" * 100, "empty": b""}[damage])
+    # The damaged file replaces the entry (a new inode, as a copy or a sync would put it there):
+    # `first` still maps the old one. (Cutting a mapped file in place under a live reader is a
+    # SIGBUS for any memory-mapped reader.)
+    damaged = entry.with_name("damaged")
+    damaged.write_bytes({"truncate": raw[: len(raw) // 2], "garbage": b"not a store" * 100, "empty": b""}[damage])
+    os.replace(damaged, entry)
     rebuilt = prepare(path, tokenizer)
     assert same_data(first, rebuilt)
     assert any("unreadable" in m and "rebuilt" in m for m in rebuilt.messages)
@@ -138,7 +144,7 @@ def test_a_corrupt_cache_entry_is_ignored_and_rebuilt(tmp_path, tokenizer, damag
 def test_the_cache_is_written_atomically_and_leaves_no_temporary_files(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", chat_rows(10))
     prepare(path, tokenizer)
-    assert [p.suffix for p in cache_dir().iterdir()] == [".npz"]
+    assert [p.suffix for p in cache_dir().iterdir()] == [".store"]
 
 
 def test_errors_are_not_cached(tmp_path, tokenizer):

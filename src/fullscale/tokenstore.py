@@ -1,0 +1,168 @@
+"""The token store: tokenized examples as flat arrays in one file, memory-mapped by every process.
+
+Python lists of ints cost ~45-75 bytes a token, in every rank and again in every DataLoader
+worker that touches them. The store holds each split as four arrays (token ids and labels as
+int32, example offsets as int64, source row numbers as int64) in one file:
+
+    FSTORE01 | header length (8 bytes, little endian) | header JSON | arrays, each 64-byte aligned
+
+The header holds the arrays' dtypes, offsets and lengths, the cache key, the data statistics and
+the console messages. Readers map the arrays read-only (np.memmap): resident memory does not grow
+with the data, ranks of one node and their DataLoader workers share the same page cache, and a
+warm start opens the file instead of rebuilding lists. It is written to a temporary file, fsynced
+and renamed into place (a reader sees a whole store or none); one whose header, sizes or key do
+not check out is not used (the caller rebuilds it). No pickle: a store cannot run code.
+
+`Examples` is a split as a sequence: `examples[i]` is {"input_ids", "labels", "row"} with lists
+made on access (a batch's worth at a time), `examples.lengths()` the token counts without touching
+the tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"FSTORE01"
+ALIGN = 64
+SPLITS = ("train", "eval")
+FIELDS = (("input_ids", np.int32), ("labels", np.int32), ("offsets", np.int64), ("rows", np.int64))
+
+
+class Examples(Sequence):
+    """One split of a token store (or of arrays in memory), as a read-only sequence of examples."""
+
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
+        self.input_ids, self.labels, self.offsets, self.rows = input_ids, labels, offsets, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist(),
+                "row": int(self.rows[i])}
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of each example (int64), read from the offsets only."""
+        return np.diff(self.offsets)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(self[i] == other[i] for i in range(len(self)))
+
+    __hash__ = None  # mutable-looking sequence semantics, like list
+
+    def __repr__(self) -> str:
+        return f"Examples({len(self)} examples, {len(self.input_ids):,} tokens)"
+
+
+def example_lengths(examples) -> list[int]:
+    """Token counts of a split, from the store's offsets when it is one."""
+    if isinstance(examples, Examples):
+        return examples.lengths().tolist()
+    return [len(ex["input_ids"]) for ex in examples]
+
+
+def arrays_of(examples) -> dict[str, np.ndarray]:
+    """The four arrays of a split given as a list of example dicts (or as Examples)."""
+    if isinstance(examples, Examples):
+        return {"input_ids": np.asarray(examples.input_ids), "labels": np.asarray(examples.labels),
+                "offsets": np.asarray(examples.offsets), "rows": np.asarray(examples.rows)}
+    n = len(examples)
+    lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.empty(total, dtype=np.int32)
+    labels = np.empty(total, dtype=np.int32)
+    for i, ex in enumerate(examples):   # one example at a time: no second full copy as Python ints
+        a, b = offsets[i], offsets[i + 1]
+        ids[a:b] = ex["input_ids"]
+        labels[a:b] = ex["labels"]
+    rows = np.fromiter((ex["row"] for ex in examples), dtype=np.int64, count=n)
+    return {"input_ids": ids, "labels": labels, "offsets": offsets, "rows": rows}
+
+
+def write(path: Path, splits: dict[str, Any], header: dict[str, Any]) -> None:
+    """Write the splits (each a list of examples, Examples, or None) and `header` to `path` atomically."""
+    layout, blobs, position = {}, [], 0
+    for name in SPLITS:
+        if splits.get(name) is None:
+            continue
+        arrays = arrays_of(splits[name])
+        for field, dtype in FIELDS:
+            data = np.ascontiguousarray(arrays[field], dtype=dtype)
+            position = -(-position // ALIGN) * ALIGN
+            layout[f"{name}.{field}"] = {"dtype": np.dtype(dtype).str, "offset": position, "length": int(len(data))}
+            blobs.append((position, data))
+            position += data.nbytes
+    body = json.dumps({**header, "arrays": layout}).encode()
+    start = -(-(len(MAGIC) + 8 + len(body)) // ALIGN) * ALIGN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(MAGIC + len(body).to_bytes(8, "little") + body)
+            for offset, data in blobs:
+                fh.seek(start + offset)
+                data.tofile(fh)
+            fh.truncate(start + position)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)   # atomic: concurrent writers each put a whole file in place
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The header and where the arrays start; ValueError when the file is not a whole store."""
+    with open(path, "rb") as fh:
+        if fh.read(len(MAGIC)) != MAGIC:
+            raise ValueError("not a fullscale token store")
+        size = int.from_bytes(fh.read(8), "little")
+        if not 0 < size < 1 << 30:
+            raise ValueError("bad header size")
+        header = json.loads(fh.read(size).decode())
+    start = -(-(len(MAGIC) + 8 + size) // ALIGN) * ALIGN
+    return header, start
+
+
+def open_splits(path: Path) -> tuple[dict[str, Any], dict[str, Examples]]:
+    """(header, {split: Examples}) of the store at `path`, memory-mapped; ValueError when it is damaged."""
+    header, start = read_header(path)
+    file_size = path.stat().st_size
+    out = {}
+    for name in SPLITS:
+        if f"{name}.rows" not in header["arrays"]:
+            continue
+        arrays = {}
+        for field, dtype in FIELDS:
+            spec = header["arrays"][f"{name}.{field}"]
+            if np.dtype(spec["dtype"]) != np.dtype(dtype):
+                raise ValueError(f"{name}.{field} has dtype {spec['dtype']}")
+            begin, count = start + spec["offset"], spec["length"]
+            if begin + count * np.dtype(dtype).itemsize > file_size:
+                raise ValueError(f"{name}.{field} runs past the end of the file (truncated)")
+            arrays[field] = (np.memmap(path, dtype=dtype, mode="r", offset=begin, shape=(count,)) if count
+                             else np.zeros(0, dtype=dtype))
+        offsets = arrays["offsets"]
+        if len(offsets) != len(arrays["rows"]) + 1 or int(offsets[-1]) != len(arrays["input_ids"]) \
+                or len(arrays["labels"]) != len(arrays["input_ids"]) or int(offsets[0]) != 0:
+            raise ValueError(f"inconsistent {name} arrays")
+        out[name] = Examples(**arrays)
+    return header, out
