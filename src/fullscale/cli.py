@@ -195,6 +195,32 @@ def _show_demo_generations(result) -> None:
         print(f"  {mark}{prompt[0]['content']!r}\n      model:    {got!r}\n      expected: {expected!r}")
 
 
+@command("prepare", "tokenize a config's data ahead of time into the token store and print the data report: "
+                    "fullscale prepare CONFIG.yaml [key=value ...]")
+def cmd_prepare(args) -> int:
+    """The data part of `fullscale train`, alone (e.g. on a CPU node before a GPU job): the run then
+    opens the token store in seconds."""
+    from fullscale.data import cache_dir, prepare_data
+    from fullscale.model import load_tokenizer
+    from fullscale.train import check_invalid_share
+
+    config, _ = _load_train_config(args)
+    tokenizer = load_tokenizer(config)
+    train_file = config.train_file or str(__import__("fullscale.demo", fromlist=["DEMO_TRAIN"]).DEMO_TRAIN)
+    data = prepare_data(train_file=train_file, eval_file=config.eval_file, eval_split=config.eval_split,
+                        dataset_format=config.dataset_format, max_seq_length=config.max_seq_length,
+                        seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows,
+                        columns=config.dataset_columns)
+    for line in data.messages:
+        print(line)
+    check_invalid_share(data, config)
+    tokens = data.train_stats.num_tokens + (data.eval_stats.num_tokens if data.eval_stats else 0)
+    print(f"prepared: {len(data.train):,} train / {len(data.eval or []):,} eval examples, {tokens:,} tokens; "
+          f"`fullscale train` with the same data, tokenizer and data settings opens the store "
+          f"({cache_dir() or 'FULLSCALE_CACHE is off: nothing stored'})")
+    return EXIT_OK
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _checkpoints_parser(p):
@@ -426,7 +452,7 @@ def cmd_plan(args) -> int:
 
 # ----------------------------------------------------------------------------- main
 
-PARSERS = {"train": _train_parser, "resume": _resume_parser, "checkpoints": _checkpoints_parser,
+PARSERS = {"train": _train_parser, "prepare": _train_parser, "resume": _resume_parser, "checkpoints": _checkpoints_parser,
            "status": _status_parser, "report": _report_parser}
 PARSERS.update({"export": _export_parser, "generate": _generate_parser})
 PARSERS.update({"plan": _plan_parser})

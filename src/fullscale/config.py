@@ -32,7 +32,7 @@ SCHEDULERS = (
     "cosine_with_min_lr",
     "warmup_stable_decay",
 )
-DATASET_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages")
+DATASET_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 AUTO_BOOL = ("auto", True, False)
 REPORT_TO = ("tensorboard", "none")
@@ -70,6 +70,7 @@ class Config:
     eval_split: float = _key(0.05, "share of train rows held out for evaluation when there is no eval_file")
     dataset_format: str = _key("auto", "row format; auto detects it from the columns", DATASET_FORMATS)
     max_seq_length: int = _key(1024, "longer rows are truncated to this many tokens and counted")
+    dataset_columns: dict[str, str] | None = _key(None, "the file's name for a format's column, e.g. {prompt: question, completion: answer} or {conversations: dialog}")
     invalid_rows: str = _key("skip", "empty, null or malformed rows: skip and count them, or stop with an error", INVALID_ROWS)
     max_invalid_share: float = _key(0.05, "with invalid_rows: skip, stop (exit 2) when more than this share of a file's rows is skipped: that much bad data is a wrong file or format, not a few bad rows")
     packing: bool = _key(False, "pack several examples into each row of max_seq_length tokens (best-fit); examples never attend to each other; evaluation stays unpacked")
@@ -334,6 +335,10 @@ def _coerce(key: str, value: Any) -> tuple[bool, Any, str]:
                 return False, None, f"unsupported {bad}; choose from {list(REPORT_TO)}"
             value = [v for v in value if v != "none"]
         return True, value, ""
+    if key == "dataset_columns":
+        if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            return True, dict(value), ""
+        return False, None, f"got {value!r}; expected a mapping of column names, e.g. {{prompt: question}}"
     if key == "dataloader_num_workers":
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             return True, value, ""

@@ -36,7 +36,8 @@ import torch
 from fullscale.errors import ConfigError, DataError
 from fullscale.packing import PackingStats, collate_packed, pack_examples  # noqa: F401 (re-exported)
 
-FORMATS = ("text", "prompt_completion", "alpaca", "messages")
+FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
+CHAT_FORMATS = ("messages", "sharegpt")  # rendered with the tokenizer's chat template
 INVALID_ROWS = ("skip", "error")
 IGNORE_INDEX = -100  # label value that the loss ignores (torch cross_entropy's default)
 
@@ -46,11 +47,12 @@ SUPPORTED_FILES = ".jsonl, .json, .csv, .parquet, or a directory written by data
 # with both 'messages' and 'text' columns is read as chat data.
 REQUIRED_COLUMNS = {
     "messages": ("messages",),
+    "sharegpt": ("conversations",),
     "alpaca": ("instruction", "output"),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-DETECT_ORDER = ("messages", "alpaca", "prompt_completion", "text")
+DETECT_ORDER = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "function", "ipython")
 
@@ -100,6 +102,7 @@ class PreparedData:
     train_stats: DataStats
     eval_stats: DataStats | None
     messages: list[str]  # human-readable lines for the console
+    from_store: bool = False  # read from an existing token store (this process tokenized nothing)
 
 
 # --------------------------------------------------------------------------------------
@@ -146,6 +149,19 @@ def _read(path: str | os.PathLike) -> _Rows:
             f"cannot read data file {str(path)!r}: {exc}. Check that it is a valid {suffix} file "
             f"(supported: {SUPPORTED_FILES})."
         ) from exc
+
+
+def _mapped(read: _Rows, columns: dict[str, str] | None) -> _Rows:
+    """The rows with the file's column names replaced by the format's ({"prompt": "question"} renames
+    each row's "question" to "prompt")."""
+    if not columns:
+        return read
+    for _, row, _ in read.rows:
+        if row is not None:
+            for target, source in columns.items():
+                if source in row and target not in row:
+                    row[target] = row.pop(source)
+    return read
 
 
 def _parse_json_line(number: int, raw: bytes) -> tuple[int, dict | None, str | None] | None:
@@ -394,6 +410,33 @@ def _convert_alpaca(row: dict) -> tuple[str, str]:
     return format_alpaca_prompt(instruction=instruction, input=extra if extra and extra.strip() else None), output
 
 
+# ShareGPT rows: {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "system": "system", "tool": "tool", "observation": "tool", "function_call": "assistant"}
+
+
+def _sharegpt_messages(row: dict) -> list[dict]:
+    """A ShareGPT row's turns as {role, content} messages (validated as messages afterwards)."""
+    turns = row.get("conversations")
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            raise _Invalid("'conversations' must be a list of {from, value} objects, got a string") from None
+    if not isinstance(turns, list) or not turns:
+        raise _Invalid(f"'conversations' must be a non-empty list of {{from, value}} objects, got {_json_type(turns)}")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "from" not in turn:
+            raise _Invalid(f"turn {i} of {len(turns)} must be an object with 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise _Invalid(f"turn {i} of {len(turns)} is from {turn['from']!r} (expected one of: "
+                           f"{', '.join(SHAREGPT_ROLES)})")
+        messages.append({"role": role, "content": turn.get("value")})
+    return messages
+
+
 def _validate_messages(row: dict) -> list[dict]:
     if "messages" not in row:
         raise _Invalid("missing 'messages'")
@@ -534,7 +577,8 @@ class _Source(NamedTuple):
 def _convert_rows(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str):
     """Validate and render every row. Returns (items, row numbers, skipped (row, reason))."""
     converters = {"text": lambda r: _required_str(r, "text"), "prompt_completion": _convert_prompt_completion,
-                  "alpaca": _convert_alpaca, "messages": lambda r: _convert_messages(r, tokenizer)}
+                  "alpaca": _convert_alpaca, "messages": lambda r: _convert_messages(r, tokenizer),
+                  "sharegpt": lambda r: _convert_messages({"messages": _sharegpt_messages(r)}, tokenizer)}
     convert = converters[fmt]
     items, numbers, skipped = [], [], []
     for number, row, error in rows:
@@ -651,7 +695,8 @@ def _check_arguments(*, dataset_format, eval_split, max_seq_length, invalid_rows
 
 
 def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
-                 seed: int, tokenizer, invalid_rows: str = "skip", cache: bool = True) -> PreparedData:
+                 seed: int, tokenizer, invalid_rows: str = "skip", cache: bool = True,
+                 columns: dict[str, str] | None = None) -> PreparedData:
     """Load, convert, tokenize and mask the train (and eval) data.
 
     - Format: `dataset_format` or, under "auto", detected from the columns of all rows
@@ -669,11 +714,13 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
       data contents, tokenizer and settings (cache=False, or FULLSCALE_CACHE=off, turns it off).
       Errors are never cached; an unreadable entry is rebuilt.
     - From PARALLEL_MIN_ROWS rows on, rows are converted and tokenized in worker processes.
+    - `columns` maps a format's column to the file's name for it ({"prompt": "question"}): renamed
+      on reading, before the format is detected.
     """
     _check_arguments(dataset_format=dataset_format, eval_split=eval_split, max_seq_length=max_seq_length,
                      invalid_rows=invalid_rows, train_file=train_file)
     settings = dict(train_file=train_file, eval_file=eval_file, eval_split=eval_split, dataset_format=dataset_format,
-                    max_seq_length=max_seq_length, seed=seed, invalid_rows=invalid_rows)
+                    max_seq_length=max_seq_length, seed=seed, invalid_rows=invalid_rows, columns=columns or None)
     directory = cache_dir() if cache else None
     try:
         key = cache_key(tokenizer=tokenizer, **settings) if directory is not None else None
@@ -691,6 +738,7 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
             note = f"tokenized data: the cache entry {path} is unreadable ({type(exc).__name__}: {exc}); rebuilt"
         else:
             data.messages.append(f"tokenized data: read from the cache ({path})")
+            data.from_store = True
             return data
     data = _prepare(tokenizer=tokenizer, **settings)
     try:
@@ -712,12 +760,12 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
 
 
 def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
-             seed: int, tokenizer, invalid_rows: str) -> PreparedData:
+             seed: int, tokenizer, invalid_rows: str, columns: dict[str, str] | None = None) -> PreparedData:
     """prepare_data without the cache."""
     messages: list[str] = []
 
     # 1. Read the train file and settle the format (eval_file must fit the same one).
-    train_read = _read(train_file)
+    train_read = _mapped(_read(train_file), columns)
     train_source = _Source(str(train_file), train_read.unit)
     valid = [(n, row) for n, row, err in train_read.rows if err is None]
     if not valid:  # nothing to detect from: say why instead of "no columns"
@@ -728,7 +776,7 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
     if detected:
         messages.append(detected)
     _check_tokenizer(tokenizer, fmt)
-    if tokenizer.eos_token_id is None and fmt != "messages":
+    if tokenizer.eos_token_id is None and fmt not in CHAT_FORMATS:
         messages.append("the tokenizer has no eos_token: examples end without one, so the model will not learn "
                         "to stop")
 
@@ -744,7 +792,7 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
     if not items:
         pass  # reported below with every skip reason
     elif eval_file is not None:
-        eval_read = _read(eval_file)
+        eval_read = _mapped(_read(eval_file), columns)
         eval_source = _Source(str(eval_file), eval_read.unit)
         eval_valid = [(n, row) for n, row, err in eval_read.rows if err is None]
         required = REQUIRED_COLUMNS[fmt]
@@ -813,9 +861,9 @@ def _split_eval(part: _Part, *, eval_split: float, seed: int) -> tuple[_Part, _P
 
 
 def _check_tokenizer(tokenizer, fmt: str) -> None:
-    if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+    if fmt in CHAT_FORMATS and not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            "dataset_format 'messages' needs a tokenizer with a chat template, and this tokenizer has none. "
+            f"dataset_format '{fmt}' needs a tokenizer with a chat template, and this tokenizer has none. "
             "Fix: use a model whose tokenizer ships one (usually the -Instruct/-Chat variant), set "
             "tokenizer.chat_template, or convert the data to prompt_completion (columns prompt, completion)."
         )
@@ -961,7 +1009,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int, seed: int,
-              invalid_rows: str, tokenizer) -> str:
+              invalid_rows: str, tokenizer, columns: dict[str, str] | None = None) -> str:
     """The cache entry's name: a hash of everything prepare_data's result depends on. The seed
     and eval_split count only when they choose the eval split (no eval_file)."""
     import tokenizers
@@ -975,7 +1023,7 @@ def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, 
         "dataset_format": dataset_format, "max_seq_length": max_seq_length, "invalid_rows": invalid_rows,
         "eval_split": eval_split if splits else None, "seed": seed if splits else None,
         "train_name": Path(train_file).name, "eval_name": Path(eval_file).name if eval_file else None,
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "columns": columns or None,
     }, sort_keys=True).encode())
     # The contents, not the path: a moved or copied file hits, an edited one misses. (The file
     # names are in the key because messages and errors quote them.)

@@ -682,9 +682,16 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     with accelerator.local_main_process_first():
         data = prepare_data(train_file=train_file, eval_file=config.eval_file, eval_split=config.eval_split,
                             dataset_format=config.dataset_format, max_seq_length=config.max_seq_length,
-                            seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows)
+                            seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows,
+                            columns=config.dataset_columns)
     for line in data.messages:
         console.print(line)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        tokenized = sum(not opened for opened in gather_object([data.from_store]))
+        console.print(f"data: tokenized by {tokenized} of {world} processes; the others opened its token store "
+                      "(memory-mapped, shared through the page cache)")
     check_invalid_share(data, config)
     faults.hit("sigterm_startup", 0)
     if config.packing:

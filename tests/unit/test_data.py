@@ -42,6 +42,11 @@ ROWS = {
                       {"role": "assistant", "content": "ciao"}]},
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
     ],
+    "sharegpt": [   # ShareGPT: conversations of {from, value}, roles human/gpt/system
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hi"},
+                           {"from": "gpt", "value": "hello"}]},
+        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    ],
 }
 
 
@@ -109,6 +114,8 @@ def expected_labelled(fmt: str, row: dict, tokenizer) -> str:
         return row["completion"] + eos
     if fmt == "alpaca":
         return row["output"] + eos
+    if fmt == "sharegpt":
+        return "".join(t["value"] + "<|end|>\n" for t in row["conversations"] if t["from"] == "gpt")
     return "".join(m["content"] + "<|end|>\n" for m in row["messages"] if m["role"] == "assistant")
 
 
