@@ -611,28 +611,49 @@ def _template_unstable_error(source: _Source, number: int, detail: str) -> DataE
 
 
 def _build_examples(items, numbers, *, fmt, tokenizer, max_seq_length, source: _Source, stats: DataStats):
-    """Tokenize, mask, truncate; fill the token counts of `stats`. Returns the examples."""
+    """Tokenize, mask, truncate; fill the token counts of `stats`. Returns the examples as
+    fullscale.tokenstore.Examples over int32 arrays: each chunk's token lists become arrays as soon
+    as it is tokenized, so preparing never holds the whole data as Python ints."""
+    import numpy as np
+
+    from fullscale.tokenstore import Examples
+
+    ids_parts, label_parts, lengths, rows = [], [], [], []
     try:
-        if len(items) >= PARALLEL_MIN_ROWS:
-            encoded = _tokenize_items_parallel(fmt, items, tokenizer)
-        else:
-            encoded = _tokenize_items(fmt, items, tokenizer)
+        chunks = (_tokenize_items_parallel_chunks(fmt, items, tokenizer) if len(items) >= PARALLEL_MIN_ROWS
+                  else (_tokenize_items(fmt, items[i:i + _PARALLEL_CHUNK], tokenizer)
+                        for i in range(0, len(items), _PARALLEL_CHUNK)))
+        position = 0
+        for encoded in chunks:
+            chunk_numbers = numbers[position:position + len(encoded)]
+            position += len(encoded)
+            chunk_ids, chunk_labels = [], []
+            for number, (ids, labels) in zip(chunk_numbers, encoded):
+                truncated = len(ids) > max_seq_length
+                ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+                num_label_tokens = len(labels) - labels.count(IGNORE_INDEX)
+                # labels[0] never carries loss (the model predicts token t+1 from tokens <= t).
+                if num_label_tokens - (labels[0] != IGNORE_INDEX) == 0:
+                    stats.skipped.append((number, f"prompt longer than max_seq_length={max_seq_length}: nothing to learn"))
+                    continue
+                if truncated:
+                    stats.truncated_rows.append(number)
+                stats.num_tokens += len(ids)
+                stats.num_label_tokens += num_label_tokens
+                chunk_ids += ids
+                chunk_labels += labels
+                lengths.append(len(ids))
+                rows.append(number)
+            ids_parts.append(np.array(chunk_ids, dtype=np.int32))
+            label_parts.append(np.array(chunk_labels, dtype=np.int32))
     except _TemplateUnstable as exc:
         raise _template_unstable_error(source, numbers[exc.index], str(exc)) from None
-    examples = []
-    for number, (ids, labels) in zip(numbers, encoded):
-        truncated = len(ids) > max_seq_length
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-        num_label_tokens = len(labels) - labels.count(IGNORE_INDEX)
-        # labels[0] never carries loss (the model predicts token t+1 from tokens <= t).
-        if num_label_tokens - (labels[0] != IGNORE_INDEX) == 0:
-            stats.skipped.append((number, f"prompt longer than max_seq_length={max_seq_length}: nothing to learn"))
-            continue
-        if truncated:
-            stats.truncated_rows.append(number)
-        stats.num_tokens += len(ids)
-        stats.num_label_tokens += num_label_tokens
-        examples.append({"input_ids": ids, "labels": labels, "row": number})
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
+    empty = np.zeros(0, dtype=np.int32)
+    examples = Examples(np.concatenate(ids_parts) if ids_parts else empty,
+                        np.concatenate(label_parts) if label_parts else empty, offsets,
+                        np.asarray(rows, dtype=np.int64))
     stats.skipped.sort()
     stats.num_examples = len(examples)
     stats.num_skipped = len(stats.skipped)
@@ -788,6 +809,7 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
 
     items, numbers, skipped = convert(train_read.rows, train_source)
     train_part = _Part(train_source.path, train_source, len(train_read.rows), items, numbers, skipped)
+    del train_read, valid   # the parsed rows: only their rendered texts are needed from here
     eval_part = None
     if not items:
         pass  # reported below with every skip reason
@@ -938,14 +960,26 @@ def _tokenize_chunk(task):
         return ("unstable", str(exc), offset + exc.index)
 
 
-def _tokenize_items_parallel(fmt: str, items: list, tokenizer) -> list[tuple[list[int], list[int]]]:
+def _tokenize_items_parallel_chunks(fmt: str, items: list, tokenizer):
+    """_tokenize_items over chunks in worker processes, yielded chunk by chunk in order (the caller
+    turns each into arrays before the next arrives)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     tasks = [(fmt, items[i:i + _PARALLEL_CHUNK], i) for i in range(0, len(items), _PARALLEL_CHUNK)]
-    out: list[tuple[list[int], list[int]]] = []
-    for result in _map_in_workers(_tokenize_chunk, tasks, tokenizer, num_data_workers(len(items))):
-        if isinstance(result, tuple) and result and result[0] == "unstable":
-            raise _TemplateUnstable(result[1], result[2])
-        out += result
-    return out
+    method = "fork" if sys.platform == "linux" else "spawn"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pool = ProcessPoolExecutor(max_workers=num_data_workers(len(items)),
+                                   mp_context=multiprocessing.get_context(method),
+                                   initializer=_init_worker, initargs=(tokenizer,))
+        try:
+            for result in pool.map(_tokenize_chunk, tasks):
+                if isinstance(result, tuple) and result and result[0] == "unstable":
+                    raise _TemplateUnstable(result[1], result[2])
+                yield result
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------
