@@ -616,6 +616,42 @@ def estimate_disk(shape: ModelShape, config: Config) -> DiskEstimate:
                         needed_bytes=count * checkpoint + best, free_bytes=free, path=str(path))
 
 
+# Measured by benchmarks/bench_data.py (200k chat rows, 9.5M tokens, 2 cores; RESULTS.md): the
+# local main process's peak while preparing, over its size after imports, and the resident growth
+# of a rank that only maps the store.
+PREPARE_BYTES_PER_TOKEN = 40
+STORE_BYTES_PER_TOKEN = 8          # int32 ids + int32 labels
+STORE_BYTES_PER_EXAMPLE = 16       # int64 offset + int64 row number
+BYTES_PER_TOKEN_OF_FILE = 0.25     # tokens per byte of a data file, roughly (JSON, ~4 characters a token)
+
+
+@dataclass
+class DataEstimate:
+    """Host memory for the data: the token store (mapped, shared by a node's processes through the page
+    cache), and the one-off peak of the process that prepares it."""
+
+    file_bytes: int
+    tokens: int                    # estimated from the file size (or counted, for a prepared store)
+    store_bytes: int
+    prepare_peak_bytes: int
+    source: str
+
+
+def estimate_data(config: Config) -> DataEstimate | None:
+    from fullscale.demo import DEMO_TRAIN
+
+    files = [Path(f) for f in (config.train_file or str(DEMO_TRAIN), config.eval_file) if f]
+    try:
+        size = sum(sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
+                   for f in files)
+    except OSError:
+        return None
+    tokens = int(size * BYTES_PER_TOKEN_OF_FILE)
+    return DataEstimate(file_bytes=size, tokens=tokens, store_bytes=tokens * STORE_BYTES_PER_TOKEN,
+                        prepare_peak_bytes=tokens * PREPARE_BYTES_PER_TOKEN,
+                        source=f"~{BYTES_PER_TOKEN_OF_FILE:g} tokens per byte of the data files")
+
+
 # ----------------------------------------------------------------------------- the plan
 
 @dataclass
@@ -659,6 +695,7 @@ class Plan:
     recommended_memory: MemoryEstimate | None
     max_seq_length_that_fits: int | None
     disk: DiskEstimate
+    data: DataEstimate | None = None
     timing: Timing | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -771,7 +808,7 @@ def build_plan(config: Config, *, num_processes: int = 1, device: torch.device |
         recommendation=recommendation,
         recommended_memory=target.memory(recommendation) if recommendation else None,
         max_seq_length_that_fits=None if recommendation else _longest_that_fits(target, usable),
-        disk=disk, notes=notes)
+        disk=disk, data=estimate_data(config), notes=notes)
 
 
 def recommend(target: Target, current: Settings, *, target_batch: int, usable: int) -> Settings | None:
@@ -1094,6 +1131,12 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"disk     checkpoint ~{d.checkpoint_bytes / MB:.1f} MB (adapter + optimizer) x {d.num_checkpoints} "
                  f"(save_total_limit + best + one being written) + best_model/ = ~{_size(d.needed_bytes)}; "
                  f"free at {d.path}: {free}{'' if d.fits else '  NOT ENOUGH'}")
+    if plan.data is not None:
+        dd = plan.data
+        lines.append(f"data     host RAM: {_size(dd.file_bytes)} of data files, ~{dd.tokens:,} tokens ({dd.source}): token "
+                     f"store ~{_size(dd.store_bytes)} on disk, memory-mapped and shared by the node's processes (each "
+                     f"keeps only the pages it reads); preparing it once per node (or ahead with `fullscale prepare`) "
+                     f"peaks at ~{_size(dd.prepare_peak_bytes)} more in the local main process")
     t = plan.timing
     if t is not None:
         from fullscale.monitor import format_duration

@@ -1,0 +1,122 @@
+"""Full-scale data: the token store (memory-mapped views, reused, once per node), `fullscale prepare`,
+ShareGPT rows and column mapping, the plan's data row."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import write_reverse_task
+
+ROOT = Path(__file__).parents[2]
+
+
+def cli(*args, env_extra=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
+    env.pop("FULLSCALE_FAULT", None)
+    return subprocess.run([sys.executable, "-m", "fullscale", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+@pytest.fixture
+def tokenizer():
+    from tiny import make_tokenizer
+
+    return make_tokenizer()
+
+
+def prepare(path, tokenizer, **kw):
+    from fullscale.data import prepare_data
+
+    values = dict(train_file=str(path), eval_file=None, eval_split=0.1, dataset_format="auto", max_seq_length=64,
+                  seed=0, tokenizer=tokenizer)
+    values.update(kw)
+    return prepare_data(**values)
+
+
+def test_prepared_examples_are_views_into_one_memory_mapped_store(tmp_path, tokenizer, monkeypatch):
+    from fullscale.tokenstore import Examples
+
+    monkeypatch.setenv("FULLSCALE_CACHE", str(tmp_path / "cache"))
+    path = write_reverse_task(tmp_path / "train.jsonl", n=200)
+    fresh = prepare(path, tokenizer)
+    again = prepare(path, tokenizer)
+    uncached = prepare(path, tokenizer, cache=False)
+    for data in (fresh, again):
+        assert isinstance(data.train, Examples) and isinstance(data.train.input_ids, np.memmap)
+        assert data.train.input_ids.dtype == np.int32 and data.train.offsets.dtype == np.int64
+    assert not fresh.from_store and again.from_store
+    assert fresh.train == again.train == uncached.train and fresh.eval == again.eval == uncached.eval
+    ex = again.train[3]
+    assert isinstance(ex["input_ids"], list) and len(ex["input_ids"]) == len(ex["labels"]) == again.train.lengths()[3]
+    stores = list((tmp_path / "cache" / "tokenized").iterdir())
+    assert [p.suffix for p in stores] == [".store"]   # one file, written atomically, no temporary left
+
+
+def test_packing_reads_rows_from_the_store_as_bins_of_indices(tmp_path, tokenizer, monkeypatch):
+    from fullscale.packing import PackedRows, pack_examples
+
+    monkeypatch.setenv("FULLSCALE_CACHE", str(tmp_path / "cache"))
+    data = prepare(write_reverse_task(tmp_path / "train.jsonl", n=120), tokenizer)
+    lazy, stats = pack_examples(data.train, max_seq_length=64, seed=3, lazy=True)
+    eager, _ = pack_examples(data.train, max_seq_length=64, seed=3)
+    assert isinstance(lazy, PackedRows) and lazy == eager and stats.num_examples == len(data.train)
+
+
+def test_sharegpt_rows_and_mapped_columns_train_like_their_standard_form(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("FULLSCALE_CACHE", str(tmp_path / "cache"))
+    share = tmp_path / "share.jsonl"
+    rows = [{"conversations": [{"from": "human", "value": f"rev {w}:"}, {"from": "gpt", "value": w[::-1]}]}
+            for w in ("abc", "hello", "xyz")]
+    rows.insert(1, {"conversations": [{"from": "robot", "value": "beep"}, {"from": "gpt", "value": "x"}]})
+    share.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages = tmp_path / "messages.jsonl"
+    messages.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"rev {w}:"},
+                                                         {"role": "assistant", "content": w[::-1]}]}) + "\n"
+                                for w in ("abc", "hello", "xyz")))
+    a = prepare(share, tokenizer, eval_split=0.0)
+    b = prepare(messages, tokenizer, eval_split=0.0)
+    assert a.format == "sharegpt" and [x["input_ids"] for x in a.train] == [x["input_ids"] for x in b.train]
+    assert a.train_stats.skipped == [(2, "turn 1 of 2 is from 'robot' (expected one of: " +
+                                      "human, user, gpt, assistant, chatgpt, system, tool, observation, function_call)")]
+
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": f"rev {w}:", "answer": w[::-1]}) + "\n" for w in ("ab", "cde")))
+    mapped = prepare(qa, tokenizer, eval_split=0.0, columns={"prompt": "question", "completion": "answer"})
+    assert mapped.format == "prompt_completion" and len(mapped.train) == 2
+
+
+def test_prepare_ahead_then_train_opens_the_store(tmp_path, tiny_model_dir, reverse_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(model_name_or_path=str(tiny_model_dir), train_file=str(reverse_data),
+                                       output_dir=str(tmp_path / "run"), max_steps=2, report_to="none",
+                                       gradient_checkpointing=False, max_seq_length=64)))
+    env = {"FULLSCALE_CACHE": str(tmp_path / "cache")}
+    proc = cli("prepare", cfg, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "prepared:" in proc.stdout and "cached in" in proc.stdout
+    proc = cli("train", cfg, env_extra=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "tokenized data: read from the cache" in proc.stdout
+    plan = cli("plan", cfg, env_extra=env)
+    assert "data     host RAM" in plan.stdout and "token store" in plan.stdout
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_data_is_tokenized_once_per_node(tmp_path, tiny_model_dir, reverse_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(model_name_or_path=str(tiny_model_dir), train_file=str(reverse_data),
+                                       output_dir=str(tmp_path / "run"), max_steps=2, report_to="none",
+                                       gradient_checkpointing=False, max_seq_length=64,
+                                       per_device_train_batch_size=2)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", FULLSCALE_CACHE=str(tmp_path / "c"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fullscale",
+                           "train", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data: tokenized by 1 of 2 processes" in proc.stdout
+    assert len(list((tmp_path / "c" / "tokenized").glob("*.store"))) == 1
