@@ -25,6 +25,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -123,7 +124,7 @@ def load_rows(path: str | os.PathLike) -> list[tuple[int, dict | None, str | Non
     otherwise (the .csv header not counted). A missing file, an unsupported extension or an
     unreadable file raises DataError naming the path and the supported types.
     """
-    return _read(path).rows
+    return list(_read(path).rows)
 
 
 def _read(path: str | os.PathLike) -> _Rows:
@@ -151,17 +152,28 @@ def _read(path: str | os.PathLike) -> _Rows:
         ) from exc
 
 
+class _MappedRows:
+    """Rows with a file's column names replaced by the format's, applied as they are read."""
+
+    def __init__(self, rows, columns: dict[str, str]):
+        self.rows, self.columns = rows, columns
+
+    def __iter__(self):
+        for number, row, error in self.rows:
+            if row is not None:
+                for target, source in self.columns.items():
+                    if source in row and target not in row:
+                        row[target] = row.pop(source)
+            yield number, row, error
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 def _mapped(read: _Rows, columns: dict[str, str] | None) -> _Rows:
     """The rows with the file's column names replaced by the format's ({"prompt": "question"} renames
     each row's "question" to "prompt")."""
-    if not columns:
-        return read
-    for _, row, _ in read.rows:
-        if row is not None:
-            for target, source in columns.items():
-                if source in row and target not in row:
-                    row[target] = row.pop(source)
-    return read
+    return _Rows(_MappedRows(read.rows, columns), read.unit) if columns else read
 
 
 def _parse_json_line(number: int, raw: bytes) -> tuple[int, dict | None, str | None] | None:
@@ -182,15 +194,32 @@ def _parse_json_line(number: int, raw: bytes) -> tuple[int, dict | None, str | N
     return number, value, None
 
 
+class _JsonlRows:
+    """The rows of a JSON Lines file, parsed line by line each time they are iterated: a large file
+    is never held whole (its rows go to conversion a chunk at a time)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._count: int | None = None
+
+    def __iter__(self):
+        # Bytes, decoded per line: one bad byte or line costs that row only, not the whole file.
+        with self.path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                row = _parse_json_line(number, raw)
+                if row is not None:
+                    yield row
+
+    def __len__(self) -> int:
+        if self._count is None:
+            self._count = sum(1 for _ in self)
+        return self._count
+
+
 def _read_jsonl(p: Path) -> _Rows:
-    rows = []
-    # Bytes, decoded per line: one bad byte or line costs that row only, not the whole file.
-    with p.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            row = _parse_json_line(number, raw)
-            if row is not None:
-                rows.append(row)
-    return _Rows(rows, "line")
+    with p.open("rb"):   # unreadable: fail here, as the other readers do
+        pass
+    return _Rows(_JsonlRows(p), "line")
 
 
 def _read_json(p: Path) -> _Rows:
@@ -325,7 +354,12 @@ def _choose_format(records: list[tuple[int, dict]], *, path, dataset_format: str
     Detection looks at every row, not just the first: each distinct column set votes with its
     number of rows (JSON Lines rows need not share their keys).
     """
-    column_sets = Counter(frozenset(row) for _, row in records)
+    return _choose_format_from(Counter(frozenset(row) for _, row in records), path=path, dataset_format=dataset_format)
+
+
+def _choose_format_from(column_sets: Counter, *, path, dataset_format: str) -> tuple[str, str | None]:
+    """_choose_format from the column sets of the valid rows and their counts."""
+    records = bool(column_sets)
     all_columns = set().union(*column_sets) if column_sets else set()
     if dataset_format != "auto":
         required = REQUIRED_COLUMNS[dataset_format]
@@ -610,55 +644,155 @@ def _template_unstable_error(source: _Source, number: int, detail: str) -> DataE
     )
 
 
-def _build_examples(items, numbers, *, fmt, tokenizer, max_seq_length, source: _Source, stats: DataStats):
-    """Tokenize, mask, truncate; fill the token counts of `stats`. Returns the examples as
-    fullscale.tokenstore.Examples over int32 arrays: each chunk's token lists become arrays as soon
-    as it is tokenized, so preparing never holds the whole data as Python ints."""
+TOO_LONG = "prompt longer than max_seq_length={}: nothing to learn"
+
+
+def _prepare_chunk(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str, max_seq_length: int) -> dict:
+    """Convert, tokenize, mask and truncate one chunk of rows. Returns compact arrays (what a worker
+    sends back): per converted item its row number, whether it was kept, too long or truncated, its
+    tokens and label tokens; the kept items' ids and labels, flat int32; the invalid rows skipped.
+    Raises DataError at the first invalid row under invalid_rows="error"; a template that is not
+    stable comes back as ("unstable", detail, row number)."""
+    import numpy as np
+
+    items, numbers, skipped = _convert_rows(rows, fmt=fmt, tokenizer=tokenizer, source=source,
+                                            invalid_rows=invalid_rows)
+    try:
+        encoded = _tokenize_items(fmt, items, tokenizer)
+    except _TemplateUnstable as exc:
+        return {"unstable": (str(exc), numbers[exc.index])}
+    n = len(encoded)
+    kept = np.zeros(n, dtype=bool)
+    truncated = np.zeros(n, dtype=bool)
+    tokens = np.zeros(n, dtype=np.int64)
+    label_tokens = np.zeros(n, dtype=np.int64)
+    flat_ids: list[int] = []
+    flat_labels: list[int] = []
+    for i, (ids, labels) in enumerate(encoded):
+        truncated[i] = len(ids) > max_seq_length
+        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        num_label_tokens = len(labels) - labels.count(IGNORE_INDEX)
+        # labels[0] never carries loss (the model predicts token t+1 from tokens <= t).
+        if num_label_tokens - (labels[0] != IGNORE_INDEX) == 0:
+            truncated[i] = False
+            continue
+        kept[i] = True
+        tokens[i], label_tokens[i] = len(ids), num_label_tokens
+        flat_ids += ids
+        flat_labels += labels
+    return {"numbers": np.asarray(numbers, dtype=np.int64), "skipped": skipped, "kept": kept, "truncated": truncated,
+            "tokens": tokens, "label_tokens": label_tokens, "ids": np.array(flat_ids, dtype=np.int32),
+            "labels": np.array(flat_labels, dtype=np.int32)}
+
+
+class _Tokenized(NamedTuple):
+    """A file's rows, converted and tokenized: per converted item (file order) its row number and
+    counts; the kept items' tokens as one block of arrays."""
+
+    source: _Source
+    num_rows: int
+    skipped: list[tuple[int, str]]     # invalid rows (conversion)
+    numbers: Any                       # np.int64 per item
+    kept: Any                          # bool per item
+    truncated: Any
+    tokens: Any
+    label_tokens: Any
+    block: Any                         # fullscale.tokenstore.Examples over the kept items
+    kept_rank: Any                     # item index -> its position in `block` (for kept items)
+
+
+def _chunks(rows, size: int):
+    from itertools import islice
+
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _convert_and_tokenize(rows, *, num_rows: int, fmt: str, tokenizer, source: _Source, invalid_rows: str,
+                          max_seq_length: int) -> _Tokenized:
+    """Every row, a chunk at a time (in worker processes from PARALLEL_MIN_ROWS rows on), into arrays:
+    neither the parsed rows nor their texts nor Python token lists are ever held for the whole file."""
     import numpy as np
 
     from fullscale.tokenstore import Examples
 
-    ids_parts, label_parts, lengths, rows = [], [], [], []
+    settings = dict(fmt=fmt, source=source, invalid_rows=invalid_rows, max_seq_length=max_seq_length)
+    workers = num_data_workers(num_rows)
+    if workers:
+        results = _in_workers(_chunks(rows, _PARALLEL_CHUNK), settings, tokenizer, workers)
+    else:
+        results = (_prepare_chunk(chunk, tokenizer=tokenizer, **settings) for chunk in _chunks(rows, _PARALLEL_CHUNK))
+    parts: dict[str, list] = {k: [] for k in ("numbers", "kept", "truncated", "tokens", "label_tokens")}
+    skipped: list[tuple[int, str]] = []
+    # The tokens go to unnamed temporary files as they come and are mapped back at the end: the
+    # process's resident memory holds a chunk of them at a time, never the whole data.
+    spill = {key: tempfile.TemporaryFile(dir=cache_dir() if cache_dir() and cache_dir().is_dir() else None)
+             for key in ("ids", "labels")}
     try:
-        chunks = (_tokenize_items_parallel_chunks(fmt, items, tokenizer) if len(items) >= PARALLEL_MIN_ROWS
-                  else (_tokenize_items(fmt, items[i:i + _PARALLEL_CHUNK], tokenizer)
-                        for i in range(0, len(items), _PARALLEL_CHUNK)))
-        position = 0
-        for encoded in chunks:
-            chunk_numbers = numbers[position:position + len(encoded)]
-            position += len(encoded)
-            chunk_ids, chunk_labels = [], []
-            for number, (ids, labels) in zip(chunk_numbers, encoded):
-                truncated = len(ids) > max_seq_length
-                ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-                num_label_tokens = len(labels) - labels.count(IGNORE_INDEX)
-                # labels[0] never carries loss (the model predicts token t+1 from tokens <= t).
-                if num_label_tokens - (labels[0] != IGNORE_INDEX) == 0:
-                    stats.skipped.append((number, f"prompt longer than max_seq_length={max_seq_length}: nothing to learn"))
-                    continue
-                if truncated:
-                    stats.truncated_rows.append(number)
-                stats.num_tokens += len(ids)
-                stats.num_label_tokens += num_label_tokens
-                chunk_ids += ids
-                chunk_labels += labels
-                lengths.append(len(ids))
-                rows.append(number)
-            ids_parts.append(np.array(chunk_ids, dtype=np.int32))
-            label_parts.append(np.array(chunk_labels, dtype=np.int32))
-    except _TemplateUnstable as exc:
-        raise _template_unstable_error(source, numbers[exc.index], str(exc)) from None
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
-    empty = np.zeros(0, dtype=np.int32)
-    examples = Examples(np.concatenate(ids_parts) if ids_parts else empty,
-                        np.concatenate(label_parts) if label_parts else empty, offsets,
-                        np.asarray(rows, dtype=np.int64))
+        for result in results:
+            if "unstable" in result:
+                detail, number = result["unstable"]
+                raise _template_unstable_error(source, number, detail)
+            skipped += result["skipped"]
+            for key in parts:
+                parts[key].append(result[key])
+            for key, fh in spill.items():
+                result[key].tofile(fh)
+        for fh in spill.values():
+            fh.flush()
+        ids, labels = (_map_back(spill[key], np.int32) for key in ("ids", "labels"))
+    finally:
+        for fh in spill.values():
+            fh.close()   # a mapping keeps the unnamed file alive until it is dropped
+
+    def joined(key, dtype):
+        # One array at a time, its chunks freed as soon as it is whole: the tokens are held twice
+        # only for the one being joined (ids, then labels: 4 bytes a token each).
+        chunks = parts.pop(key)
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+
+    kept = joined("kept", bool)
+    tokens = joined("tokens", np.int64)
+    offsets = np.zeros(int(kept.sum()) + 1, dtype=np.int64)
+    np.cumsum(tokens[kept], out=offsets[1:])
+    numbers = joined("numbers", np.int64)
+    block = Examples(ids, labels, offsets, numbers[kept])
+    return _Tokenized(source=source, num_rows=num_rows, skipped=skipped, numbers=numbers, kept=kept,
+                      truncated=joined("truncated", bool), tokens=tokens, label_tokens=joined("label_tokens", np.int64),
+                      block=block, kept_rank=np.cumsum(kept) - 1)
+
+
+def _map_back(fh, dtype):
+    import numpy as np
+
+    count = fh.seek(0, os.SEEK_END) // np.dtype(dtype).itemsize
+    return np.memmap(fh, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype=dtype)
+
+
+def _part(tok: _Tokenized, items, *, name: str, num_rows: int, skipped: list, max_seq_length: int):
+    """(examples, stats) of the items `items` (indices, file order) of `tok`."""
+    import numpy as np
+
+    from fullscale.tokenstore import Examples
+
+    items = np.asarray(items, dtype=np.int64)
+    kept = tok.kept[items]
+    too_long = items[~kept]
+    stats = DataStats(num_rows=num_rows, skipped=list(skipped) + [
+        (int(n), TOO_LONG.format(max_seq_length)) for n in tok.numbers[too_long]])
     stats.skipped.sort()
+    stats.truncated_rows = [int(n) for n in tok.numbers[items[tok.truncated[items]]]]
+    stats.num_tokens = int(tok.tokens[items].sum())
+    stats.num_label_tokens = int(tok.label_tokens[items].sum())
+    index = tok.kept_rank[items[kept]]
+    block = tok.block
+    whole = len(index) == len(block) and (len(index) == 0 or bool((index == np.arange(len(index))).all()))
+    examples = block if whole else Examples(block.input_ids, block.labels, block.offsets, block.rows, index=index)
     stats.num_examples = len(examples)
     stats.num_skipped = len(stats.skipped)
     stats.num_truncated = len(stats.truncated_rows)
-    return examples
+    return examples, stats
 
 
 def _count(n: int, word: str) -> str:
@@ -781,106 +915,95 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
     return data
 
 
+def _scan(rows) -> tuple[int, Counter, list[tuple[int, str]]]:
+    """One pass over the rows: their number, the column sets of the valid ones with their counts,
+    and the invalid ones (row, reason) while no valid row has been seen."""
+    count, column_sets, invalid = 0, Counter(), []
+    for number, row, error in rows:
+        count += 1
+        if error is None:
+            column_sets[frozenset(row)] += 1
+        elif not column_sets:
+            invalid.append((number, error))
+    return count, column_sets, invalid
+
+
 def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
              seed: int, tokenizer, invalid_rows: str, columns: dict[str, str] | None = None) -> PreparedData:
     """prepare_data without the cache."""
+    import numpy as np
+
     messages: list[str] = []
 
     # 1. Read the train file and settle the format (eval_file must fit the same one).
     train_read = _mapped(_read(train_file), columns)
     train_source = _Source(str(train_file), train_read.unit)
-    valid = [(n, row) for n, row, err in train_read.rows if err is None]
-    if not valid:  # nothing to detect from: say why instead of "no columns"
-        stats = DataStats(num_rows=len(train_read.rows), skipped=[(n, e) for n, _, e in train_read.rows])
+    num_rows, column_sets, invalid = _scan(train_read.rows)
+    if not column_sets:  # nothing to detect from: say why instead of "no columns"
+        stats = DataStats(num_rows=num_rows, skipped=invalid)
         raise _no_examples_error(train_source.path, stats, fmt=dataset_format, unit=train_source.unit,
                                  max_seq_length=max_seq_length)
-    fmt, detected = _choose_format(valid, path=train_source.path, dataset_format=dataset_format)
+    fmt, detected = _choose_format_from(column_sets, path=train_source.path, dataset_format=dataset_format)
     if detected:
         messages.append(detected)
     _check_tokenizer(tokenizer, fmt)
     if tokenizer.eos_token_id is None and fmt not in CHAT_FORMATS:
         messages.append("the tokenizer has no eos_token: examples end without one, so the model will not learn "
                         "to stop")
-
-    # 2. Validate and render rows (invalid ones are skipped or raise here), then split off eval.
-    def convert(rows, source: _Source):
-        if len(rows) >= PARALLEL_MIN_ROWS:
-            return _convert_rows_parallel(rows, fmt=fmt, tokenizer=tokenizer, source=source, invalid_rows=invalid_rows)
-        return _convert_rows(rows, fmt=fmt, tokenizer=tokenizer, source=source, invalid_rows=invalid_rows)
-
-    items, numbers, skipped = convert(train_read.rows, train_source)
-    train_part = _Part(train_source.path, train_source, len(train_read.rows), items, numbers, skipped)
-    del train_read, valid   # the parsed rows: only their rendered texts are needed from here
-    eval_part = None
-    if not items:
-        pass  # reported below with every skip reason
-    elif eval_file is not None:
+    eval_read = eval_source = None
+    if eval_file is not None:
         eval_read = _mapped(_read(eval_file), columns)
         eval_source = _Source(str(eval_file), eval_read.unit)
-        eval_valid = [(n, row) for n, row, err in eval_read.rows if err is None]
+        _, eval_sets, _ = _scan(eval_read.rows)
         required = REQUIRED_COLUMNS[fmt]
-        column_sets = {frozenset(row) for _, row in eval_valid}
-        if eval_valid and not any(all(c in cols for c in required) for cols in column_sets):
-            found = set().union(*column_sets)
-            detected = _match_format(found)
-            theirs = f", which is dataset_format '{detected}'" if detected else ""
+        if eval_sets and not any(all(c in cols for c in required) for cols in eval_sets):
+            found = set().union(*eval_sets)
+            theirs = _match_format(found)
+            theirs = f", which is dataset_format '{theirs}'" if theirs else ""
             raise DataError(
                 f"{eval_source.path}: the eval data must be in the train data's format, '{fmt}' (columns "
                 f"{', '.join(required)}), but its rows have the columns {', '.join(sorted(found)) or '(none)'}{theirs}. "
                 f"Convert eval_file to '{fmt}' rows (or leave eval_file out to hold out eval_split of {train_source.path})")
-        eval_part = _Part(eval_source.path, eval_source, len(eval_read.rows), *convert(eval_read.rows, eval_source))
-    elif eval_split > 0 and len(items) >= 2:
-        train_part, eval_part = _split_eval(train_part, eval_split=eval_split, seed=seed)
-        messages.append(f"eval: {len(eval_part.items):,} of {len(items):,} valid rows of {train_source.path} held "
+
+    # 2. Validate, render, tokenize, mask and truncate the rows a chunk at a time (invalid ones are
+    # skipped or raise here); then split off eval by converted row, as a choice of indices.
+    work = dict(fmt=fmt, tokenizer=tokenizer, invalid_rows=invalid_rows, max_seq_length=max_seq_length)
+    train_tok = _convert_and_tokenize(train_read.rows, num_rows=num_rows, source=train_source, **work)
+    n = len(train_tok.numbers)
+    everything = np.arange(n)
+    parts = [(train_tok, everything, train_source.path, num_rows, train_tok.skipped)]
+    if not n:
+        pass  # reported below with every skip reason
+    elif eval_read is not None:
+        eval_tok = _convert_and_tokenize(eval_read.rows, num_rows=len(eval_read.rows), source=eval_source, **work)
+        parts.append((eval_tok, np.arange(len(eval_tok.numbers)), eval_source.path, eval_tok.num_rows,
+                      eval_tok.skipped))
+    elif eval_split > 0 and n >= 2:
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        held = np.zeros(n, dtype=bool)
+        held[order[: min(n - 1, max(1, math.ceil(n * eval_split)))]] = True
+        out = everything[held]
+        parts = [(train_tok, everything[~held], f"{train_source.path} (train split)", num_rows - len(out),
+                  train_tok.skipped),
+                 (train_tok, out, f"{train_source.path} (eval split)", len(out), [])]
+        messages.append(f"eval: {len(out):,} of {n:,} valid rows of {train_source.path} held "
                         f"out (eval_split={eval_split}, seed={seed})")
     elif eval_split > 0:
-        messages.append(f"eval: none (eval_split={eval_split} needs at least 2 valid rows, found {len(items)})")
+        messages.append(f"eval: none (eval_split={eval_split} needs at least 2 valid rows, found {n})")
 
-    # 3. Tokenize, mask and truncate each part.
+    # 3. Each part's examples (views into its file's block) and statistics.
     results = []
-    for part in (train_part, eval_part):
-        if part is None:
-            results.append((None, None))
-            continue
-        stats = DataStats(num_rows=part.num_rows, skipped=list(part.skipped))
-        examples = _build_examples(part.items, part.numbers, fmt=fmt, tokenizer=tokenizer,
-                                   max_seq_length=max_seq_length, source=part.source, stats=stats)
-        messages.append(_summary(part.name, stats, unit=part.source.unit, max_seq_length=max_seq_length))
-        if not examples:
-            raise _no_examples_error(part.name, stats, fmt=fmt, unit=part.source.unit, max_seq_length=max_seq_length)
+    for tok, items, name, part_rows, skipped in parts:
+        examples, stats = _part(tok, items, name=name, num_rows=part_rows, skipped=skipped,
+                                max_seq_length=max_seq_length)
+        messages.append(_summary(name, stats, unit=tok.source.unit, max_seq_length=max_seq_length))
+        if not len(examples):
+            raise _no_examples_error(name, stats, fmt=fmt, unit=tok.source.unit, max_seq_length=max_seq_length)
         results.append((examples, stats))
-    (train, train_stats), (eval_examples, eval_stats) = results
+    (train, train_stats), (eval_examples, eval_stats) = results[0], (results[1] if len(results) > 1 else (None, None))
     return PreparedData(train=train, eval=eval_examples, format=fmt, train_stats=train_stats,
                         eval_stats=eval_stats, messages=messages)
-
-
-class _Part(NamedTuple):
-    """One split's converted rows, before tokenization."""
-
-    name: str  # how the console names it
-    source: _Source
-    num_rows: int  # rows of the file in this part, invalid ones included
-    items: list
-    numbers: list[int]
-    skipped: list[tuple[int, str]]
-
-
-def _split_eval(part: _Part, *, eval_split: float, seed: int) -> tuple[_Part, _Part]:
-    """Hold out ceil(n * eval_split) valid rows (at least 1, at most n - 1), chosen by `seed`.
-
-    Invalid rows stay with train (they belong to no split). Both parts keep file order.
-    """
-    n = len(part.items)
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    held_out = set(order[: min(n - 1, max(1, math.ceil(n * eval_split)))])
-    keep = [i for i in range(n) if i not in held_out]
-    out = [i for i in range(n) if i in held_out]
-    train = _Part(f"{part.name} (train split)", part.source, part.num_rows - len(out),
-                  [part.items[i] for i in keep], [part.numbers[i] for i in keep], part.skipped)
-    evaluation = _Part(f"{part.name} (eval split)", part.source, len(out),
-                       [part.items[i] for i in out], [part.numbers[i] for i in out], [])
-    return train, evaluation
 
 
 def _check_tokenizer(tokenizer, fmt: str) -> None:
@@ -918,10 +1041,18 @@ def _init_worker(tokenizer) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
 
 
-def _map_in_workers(function, tasks: list, tokenizer, num_workers: int) -> list:
-    """`function` over `tasks` in `num_workers` processes; results in task order. Fork where the
-    platform has it (the tokenizer is inherited, not pickled), spawn elsewhere."""
+def _prepare_chunk_in_worker(task):
+    rows, settings = task
+    return _prepare_chunk(rows, tokenizer=_WORKER_TOKENIZER, **settings)
+
+
+def _in_workers(chunks, settings: dict, tokenizer, num_workers: int):
+    """_prepare_chunk over `chunks` in `num_workers` processes, results yielded in chunk order, with
+    at most two chunks per worker in flight (the rows are read as the workers need them). Fork where
+    the platform has it (the tokenizer is inherited, not pickled), spawn elsewhere. The first
+    failure in chunk order raises; the queued chunks are then dropped."""
     import multiprocessing
+    from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if sys.platform == "linux" else "spawn"
@@ -931,54 +1062,13 @@ def _map_in_workers(function, tasks: list, tokenizer, num_workers: int) -> list:
         pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context(method),
                                    initializer=_init_worker, initargs=(tokenizer,))
         try:
-            return list(pool.map(function, tasks))  # the first failure in task order raises here
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # after a failure, the queued chunks are dropped
-
-
-def _convert_chunk(task):
-    rows, fmt, source, invalid_rows = task
-    return _convert_rows(rows, fmt=fmt, tokenizer=_WORKER_TOKENIZER, source=source, invalid_rows=invalid_rows)
-
-
-def _convert_rows_parallel(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str):
-    """_convert_rows in worker processes; the first invalid row in file order raises (under "error")."""
-    tasks = [(rows[i:i + _PARALLEL_CHUNK], fmt, source, invalid_rows) for i in range(0, len(rows), _PARALLEL_CHUNK)]
-    items, numbers, skipped = [], [], []
-    for chunk_items, chunk_numbers, chunk_skipped in _map_in_workers(_convert_chunk, tasks, tokenizer,
-                                                                     num_data_workers(len(rows))):
-        items += chunk_items
-        numbers += chunk_numbers
-        skipped += chunk_skipped
-    return items, numbers, skipped
-
-
-def _tokenize_chunk(task):
-    fmt, items, offset = task
-    try:
-        return _tokenize_items(fmt, items, _WORKER_TOKENIZER)
-    except _TemplateUnstable as exc:  # its index does not survive pickling: send it back as a value
-        return ("unstable", str(exc), offset + exc.index)
-
-
-def _tokenize_items_parallel_chunks(fmt: str, items: list, tokenizer):
-    """_tokenize_items over chunks in worker processes, yielded chunk by chunk in order (the caller
-    turns each into arrays before the next arrives)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    tasks = [(fmt, items[i:i + _PARALLEL_CHUNK], i) for i in range(0, len(items), _PARALLEL_CHUNK)]
-    method = "fork" if sys.platform == "linux" else "spawn"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pool = ProcessPoolExecutor(max_workers=num_data_workers(len(items)),
-                                   mp_context=multiprocessing.get_context(method),
-                                   initializer=_init_worker, initargs=(tokenizer,))
-        try:
-            for result in pool.map(_tokenize_chunk, tasks):
-                if isinstance(result, tuple) and result and result[0] == "unstable":
-                    raise _TemplateUnstable(result[1], result[2])
-                yield result
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.submit(_prepare_chunk_in_worker, (chunk, settings)))
+                if len(pending) >= 2 * num_workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
@@ -992,7 +1082,7 @@ def _tokenize_items_parallel_chunks(fmt: str, items: list, tokenizer):
 # temporary file and renamed into place, so a reader sees a whole entry or none; an entry that
 # cannot be read (truncated, corrupt, from another version) is rebuilt.
 
-CACHE_VERSION = 2  # bump when the cached layout or meaning changes (2: the memory-mapped token store)
+CACHE_VERSION = 3  # bump when the cached layout or meaning changes (3: the memory-mapped token store)
 
 
 def cache_dir() -> Path | None:

@@ -7,7 +7,8 @@ int32, example offsets as int64, source row numbers as int64) in one file:
     FSTORE01 | header length (8 bytes, little endian) | header JSON | arrays, each 64-byte aligned
 
 The header holds the arrays' dtypes, offsets and lengths, the cache key, the data statistics and
-the console messages. Readers map the arrays read-only (np.memmap): resident memory does not grow
+the console messages. A split is a block of arrays, or an index into one: the train and eval
+splits of one file share its block. Readers map the arrays read-only (np.memmap): resident memory does not grow
 with the data, ranks of one node and their DataLoader workers share the same page cache, and a
 warm start opens the file instead of rebuilding lists. It is written to a temporary file, fsynced
 and renamed into place (a reader sees a whole store or none); one whose header, sizes or key do
@@ -36,13 +37,16 @@ FIELDS = (("input_ids", np.int32), ("labels", np.int32), ("offsets", np.int64), 
 
 
 class Examples(Sequence):
-    """One split of a token store (or of arrays in memory), as a read-only sequence of examples."""
+    """Examples over a block of arrays (a token store's, or in memory), optionally a choice of them
+    (`index`: positions in the block, e.g. the train split of a file whose other rows are eval)."""
 
-    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray):
+    def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
+                 index: np.ndarray | None = None):
         self.input_ids, self.labels, self.offsets, self.rows = input_ids, labels, offsets, rows
+        self.index = index
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.rows) if self.index is None else len(self.index)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -51,23 +55,25 @@ class Examples(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        j = i if self.index is None else int(self.index[i])
+        a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist(),
-                "row": int(self.rows[i])}
+                "row": int(self.rows[j])}
 
     def lengths(self) -> np.ndarray:
         """Tokens of each example (int64), read from the offsets only."""
-        return np.diff(self.offsets)
+        sizes = np.diff(self.offsets)
+        return sizes if self.index is None else sizes[self.index]
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):
             return False
         return all(self[i] == other[i] for i in range(len(self)))
 
-    __hash__ = None  # mutable-looking sequence semantics, like list
+    __hash__ = None  # sequence semantics, like list
 
     def __repr__(self) -> str:
-        return f"Examples({len(self)} examples, {len(self.input_ids):,} tokens)"
+        return f"Examples({len(self)} examples)"
 
 
 def example_lengths(examples) -> list[int]:
@@ -77,39 +83,54 @@ def example_lengths(examples) -> list[int]:
     return [len(ex["input_ids"]) for ex in examples]
 
 
-def arrays_of(examples) -> dict[str, np.ndarray]:
-    """The four arrays of a split given as a list of example dicts (or as Examples)."""
+def _block_of(examples) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """(the block's four arrays, the index into it or None) of a split given as Examples or a list."""
     if isinstance(examples, Examples):
-        return {"input_ids": np.asarray(examples.input_ids), "labels": np.asarray(examples.labels),
-                "offsets": np.asarray(examples.offsets), "rows": np.asarray(examples.rows)}
+        return ({"input_ids": examples.input_ids, "labels": examples.labels, "offsets": examples.offsets,
+                 "rows": examples.rows}, examples.index)
     n = len(examples)
     lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    total = int(offsets[-1])
-    ids = np.empty(total, dtype=np.int32)
-    labels = np.empty(total, dtype=np.int32)
+    ids = np.empty(int(offsets[-1]), dtype=np.int32)
+    labels = np.empty(int(offsets[-1]), dtype=np.int32)
     for i, ex in enumerate(examples):   # one example at a time: no second full copy as Python ints
-        a, b = offsets[i], offsets[i + 1]
-        ids[a:b] = ex["input_ids"]
-        labels[a:b] = ex["labels"]
+        ids[offsets[i]:offsets[i + 1]] = ex["input_ids"]
+        labels[offsets[i]:offsets[i + 1]] = ex["labels"]
     rows = np.fromiter((ex["row"] for ex in examples), dtype=np.int64, count=n)
-    return {"input_ids": ids, "labels": labels, "offsets": offsets, "rows": rows}
+    return {"input_ids": ids, "labels": labels, "offsets": offsets, "rows": rows}, None
 
 
 def write(path: Path, splits: dict[str, Any], header: dict[str, Any]) -> None:
-    """Write the splits (each a list of examples, Examples, or None) and `header` to `path` atomically."""
-    layout, blobs, position = {}, [], 0
+    """Write the splits (each a list of examples, Examples, or None) and `header` to `path` atomically.
+    Splits that are choices of one block (a train and an eval split of one file) share it on disk."""
+    layout: dict[str, Any] = {"blocks": {}, "splits": {}}
+    blobs, position, blocks = [], 0, {}
+
+    def place(key: str, data: np.ndarray, dtype) -> dict:
+        nonlocal position
+        data = np.asarray(data)
+        if data.dtype != np.dtype(dtype):
+            data = data.astype(dtype)
+        position = -(-position // ALIGN) * ALIGN
+        spec = {"dtype": np.dtype(dtype).str, "offset": position, "length": int(len(data))}
+        blobs.append((position, data))
+        position += data.nbytes
+        return spec
+
     for name in SPLITS:
         if splits.get(name) is None:
             continue
-        arrays = arrays_of(splits[name])
-        for field, dtype in FIELDS:
-            data = np.ascontiguousarray(arrays[field], dtype=dtype)
-            position = -(-position // ALIGN) * ALIGN
-            layout[f"{name}.{field}"] = {"dtype": np.dtype(dtype).str, "offset": position, "length": int(len(data))}
-            blobs.append((position, data))
-            position += data.nbytes
+        arrays, index = _block_of(splits[name])
+        ident = id(arrays["input_ids"])
+        if ident not in blocks:
+            blocks[ident] = f"b{len(blocks)}"
+            layout["blocks"][blocks[ident]] = {field: place(f"{blocks[ident]}.{field}", arrays[field], dtype)
+                                               for field, dtype in FIELDS}
+        split = {"block": blocks[ident]}
+        if index is not None:
+            split["index"] = place(f"{name}.index", index, np.int64)
+        layout["splits"][name] = split
     body = json.dumps({**header, "arrays": layout}).encode()
     start = -(-(len(MAGIC) + 8 + len(body)) // ALIGN) * ALIGN
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +140,8 @@ def write(path: Path, splits: dict[str, Any], header: dict[str, Any]) -> None:
             fh.write(MAGIC + len(body).to_bytes(8, "little") + body)
             for offset, data in blobs:
                 fh.seek(start + offset)
-                data.tofile(fh)
+                for i in range(0, len(data), 1 << 22):   # in slices: a memory-mapped source stays mapped
+                    np.ascontiguousarray(data[i:i + (1 << 22)]).tofile(fh)
             fh.truncate(start + position)
             fh.flush()
             os.fsync(fh.fileno())
@@ -146,23 +168,29 @@ def open_splits(path: Path) -> tuple[dict[str, Any], dict[str, Examples]]:
     """(header, {split: Examples}) of the store at `path`, memory-mapped; ValueError when it is damaged."""
     header, start = read_header(path)
     file_size = path.stat().st_size
-    out = {}
-    for name in SPLITS:
-        if f"{name}.rows" not in header["arrays"]:
-            continue
-        arrays = {}
-        for field, dtype in FIELDS:
-            spec = header["arrays"][f"{name}.{field}"]
-            if np.dtype(spec["dtype"]) != np.dtype(dtype):
-                raise ValueError(f"{name}.{field} has dtype {spec['dtype']}")
-            begin, count = start + spec["offset"], spec["length"]
-            if begin + count * np.dtype(dtype).itemsize > file_size:
-                raise ValueError(f"{name}.{field} runs past the end of the file (truncated)")
-            arrays[field] = (np.memmap(path, dtype=dtype, mode="r", offset=begin, shape=(count,)) if count
-                             else np.zeros(0, dtype=dtype))
+
+    def mapped(spec: dict, dtype) -> np.ndarray:
+        if np.dtype(spec["dtype"]) != np.dtype(dtype):
+            raise ValueError(f"an array has dtype {spec['dtype']}")
+        begin, count = start + spec["offset"], spec["length"]
+        if begin + count * np.dtype(dtype).itemsize > file_size:
+            raise ValueError("an array runs past the end of the file (truncated)")
+        return np.memmap(path, dtype=dtype, mode="r", offset=begin, shape=(count,)) if count else np.zeros(0, dtype)
+
+    layout = header["arrays"]
+    blocks = {}
+    for name, fields in layout["blocks"].items():
+        arrays = {field: mapped(fields[field], dtype) for field, dtype in FIELDS}
         offsets = arrays["offsets"]
         if len(offsets) != len(arrays["rows"]) + 1 or int(offsets[-1]) != len(arrays["input_ids"]) \
                 or len(arrays["labels"]) != len(arrays["input_ids"]) or int(offsets[0]) != 0:
-            raise ValueError(f"inconsistent {name} arrays")
-        out[name] = Examples(**arrays)
+            raise ValueError(f"inconsistent arrays in block {name}")
+        blocks[name] = arrays
+    out = {}
+    for name, split in layout["splits"].items():
+        index = mapped(split["index"], np.int64) if "index" in split else None
+        arrays = blocks[split["block"]]
+        if index is not None and len(index) and (int(index.max()) >= len(arrays["rows"]) or int(index.min()) < 0):
+            raise ValueError(f"the {name} index points outside its block")
+        out[name] = Examples(**arrays, index=index)
     return header, out
