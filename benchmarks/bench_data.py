@@ -134,7 +134,11 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--skip-datasets", action="store_true", help="skip the datasets.map comparison")
     p.add_argument("--skip-torchrun", action="store_true")
+    p.add_argument("--big", type=int, metavar="ROWS",
+                   help="instead: ROWS rows (2,100,000 give ~100M tokens) prepared and trained for 3 steps by 2 processes")
     args = p.parse_args()
+    if args.big:
+        return big(args.big)
     import torch
     import transformers
 
@@ -179,6 +183,26 @@ def main() -> None:
                   f"({ref['tokens'] / ref['seconds']:,.0f} tokens/s); fullscale prepare (with label masks, checks and "
                   f"store) {cold['tokens'] / cold['seconds']:,.0f} tokens/s = "
                   f"{(cold['tokens'] / cold['seconds']) / (ref['tokens'] / ref['seconds']):.2f}x")
+
+
+def big(rows: int) -> None:
+    """The full-scale case: a set of ~100M tokens, cold, under torchrun with 2 processes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "big.jsonl"
+        t0 = time.time()
+        write_rows(data, rows)
+        print(f"data: {rows:,} chat rows, {data.stat().st_size / 2**30:.2f} GiB (written in {time.time() - t0:.0f} s)")
+        config = write_config(tmp / "big.yaml", data, tmp / "run")
+        text = config.read_text().replace("max_steps: 1", "max_steps: 3")
+        config.write_text(text)
+        t = run_train(config, tmp / "cache", processes=2)
+        store = next((tmp / "cache" / "tokenized").glob("*.store"))
+        meta, _ = __import__("fullscale.tokenstore", fromlist=["x"]).read_header(store)
+        tokens = meta["train_stats"]["num_tokens"]
+        print(f"torchrun 2 processes, cold: {tokens:,} tokens; {t['ranks_line']}; first step "
+              f"{t['seconds_to_first_step']:.0f} s after launch; largest process's peak RSS "
+              f"{t['peak_rss'] / 2**30:.2f} GiB ({t['peak_rss'] / tokens:.1f} B/token); store {store.stat().st_size / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":
