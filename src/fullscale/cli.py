@@ -469,6 +469,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and argv is None:
+        _leave_process_group(code)
+    return code
+
+
+def _leave_process_group(code: int) -> None:
+    """End a process of a multi-process launch without the interpreter's teardown: with the process
+    group's threads still around, that teardown can abort ("terminate called without an active
+    exception", SIGABRT) after the run's work is done and saved, turning a finished run into a
+    failed launch. Everything is flushed first; the group is left cleanly."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - leaving anyway
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

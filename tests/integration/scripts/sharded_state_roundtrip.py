@@ -1,6 +1,7 @@
 """Run under torchrun (2 processes, gloo): full adapter and optimizer states go into FSDP2 shards
 of uneven sizes and come back out equal. Prints one line per rank: '<rank> ok' or what differed."""
 
+import os
 import sys
 
 import torch
@@ -31,4 +32,5 @@ problems += [f"optimizer {i}.{k}" for i in saved["state"] for k in saved["state"
              if not torch.equal(saved["state"][i][k], again["state"][i][k])]
 print(f"{rank} {'ok' if not problems else problems}", flush=True)
 dist.destroy_process_group()
-sys.exit(1 if problems else 0)
+sys.stdout.flush()
+os._exit(1 if problems else 0)   # no interpreter teardown (it can abort with gloo's threads around)
