@@ -70,6 +70,8 @@ class Config:
     eval_split: float = _key(0.05, "share of train rows held out for evaluation when there is no eval_file")
     dataset_format: str = _key("auto", "row format; auto detects it from the columns", DATASET_FORMATS)
     max_seq_length: int = _key(1024, "longer rows are truncated to this many tokens and counted")
+    dataset_config: str | None = _key(None, "with a hub dataset id (or a directory of data files) as train_file: its configuration (datasets.load_dataset's name)")
+    dataset_split: str = _key("train", "with a hub dataset id (or a directory of data files) as train_file: the split to train on")
     dataset_columns: dict[str, str] | None = _key(None, "the file's name for a format's column, e.g. {prompt: question, completion: answer} or {conversations: dialog}")
     invalid_rows: str = _key("skip", "empty, null or malformed rows: skip and count them, or stop with an error", INVALID_ROWS)
     max_invalid_share: float = _key(0.05, "with invalid_rows: skip, stop (exit 2) when more than this share of a file's rows is skipped: that much bad data is a wrong file or format, not a few bad rows")
@@ -416,7 +418,7 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     need(c.max_steps == -1 or c.max_steps > 0, "max_steps", f"got {c.max_steps}; use a positive number of steps, or -1 to use num_train_epochs")
     for key in ("train_file", "eval_file"):
         value = getattr(c, key)
-        if value and not Path(value).exists():
+        if value and not Path(value).exists() and not (key == "train_file" and _is_hub_name(value)):
             p.append(f"{key}{at(key)}: no such file or directory: {value}")
     if c.model_name_or_path and _looks_like_path(c.model_name_or_path) and not Path(c.model_name_or_path).exists():
         p.append(f"model_name_or_path{at('model_name_or_path')}: no such directory: {c.model_name_or_path} "
@@ -439,6 +441,12 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
         need(c.memory_budget_gb > 0, "memory_budget_gb", f"got {c.memory_budget_gb}; must be > 0 (GB), or remove it to use the device's memory")
     need(0 <= c.memory_margin < 1, "memory_margin", f"got {c.memory_margin}; must be in [0, 1) (the default 0.1 keeps 10% free)")
     return p
+
+
+def _is_hub_name(name: str) -> bool:
+    from fullscale.data import is_hub_name
+
+    return is_hub_name(name)
 
 
 def _looks_like_path(name: str) -> bool:

@@ -127,11 +127,15 @@ def load_rows(path: str | os.PathLike) -> list[tuple[int, dict | None, str | Non
     return list(_read(path).rows)
 
 
-def _read(path: str | os.PathLike) -> _Rows:
+def _read(path: str | os.PathLike, *, dataset_config: str | None = None, dataset_split: str = "train") -> _Rows:
     p = Path(path)
     if not p.exists():
+        if is_hub_name(str(path)):
+            return _Rows(_DatasetRows(str(path), dataset_config, dataset_split), "row")
         raise DataError(f"data file not found: {str(path)!r}. Check the path; supported: {SUPPORTED_FILES}.")
     if p.is_dir():
+        if not any((p / marker).is_file() for marker in _SAVED_MARKERS):   # a folder of data files
+            return _Rows(_DatasetRows(str(p), dataset_config, dataset_split), "row")
         return _Rows(_read_saved_dataset(p), "row")
     suffix = p.suffix.lower()
     readers = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
@@ -283,6 +287,49 @@ def _read_parquet(p: Path) -> _Rows:
     except Exception as exc:  # pyarrow raises its own ArrowInvalid/ArrowIOError types
         raise DataError(f"cannot read parquet file {str(p)!r}: {exc}. Check that the file is complete.") from exc
     return _Rows([(n, r, None) for n, r in enumerate(records, start=1)], "row")
+
+
+_SAVED_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")   # what save_to_disk writes
+
+
+def is_hub_name(name: str) -> bool:
+    """A Hugging Face dataset id ("org/name" or "name"), not a path."""
+    return bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name \
+        and not Path(name).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".ndjson")
+
+
+class _DatasetRows:
+    """The rows of a dataset loaded with `datasets.load_dataset`: a hub id (from the local cache when
+    offline) or a directory of data files. Arrow-backed: iterated a row at a time, never held whole."""
+
+    def __init__(self, name: str, config: str | None, split: str):
+        import datasets
+
+        self.name, self.config, self.split = name, config, split
+        try:
+            self.dataset = datasets.load_dataset(name, config, split=split)
+        except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad config or split: all "cannot load"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DataError(
+                f"cannot load the dataset {name!r} (dataset_config {config!r}, dataset_split {split!r}) with "
+                f"datasets.load_dataset: {first[:300]}. Check the name, dataset_config and dataset_split; without "
+                f"network a hub dataset must be in the local cache; or give a local file ({SUPPORTED_FILES}) or a "
+                "directory of data files") from None
+
+    def __iter__(self):
+        for number, row in enumerate(self.dataset, start=1):
+            yield number, row, None
+
+    def __len__(self) -> int:
+        return self.dataset.num_rows
+
+    def fingerprint(self) -> str:
+        return f"{self.name}:{self.config}:{self.split}:{getattr(self.dataset, '_fingerprint', '')}"
+
+
+def dataset_fingerprint(name: str, config: str | None, split: str) -> str:
+    """What identifies a hub dataset's contents (datasets' own fingerprint of its cached files)."""
+    return _DatasetRows(name, config, split).fingerprint()
 
 
 def _read_saved_dataset(p: Path) -> list[tuple[int, dict | None, str | None]]:
@@ -851,7 +898,8 @@ def _check_arguments(*, dataset_format, eval_split, max_seq_length, invalid_rows
 
 def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
                  seed: int, tokenizer, invalid_rows: str = "skip", cache: bool = True,
-                 columns: dict[str, str] | None = None) -> PreparedData:
+                 columns: dict[str, str] | None = None, dataset_config: str | None = None,
+                 dataset_split: str = "train") -> PreparedData:
     """Load, convert, tokenize and mask the train (and eval) data.
 
     - Format: `dataset_format` or, under "auto", detected from the columns of all rows
@@ -871,11 +919,14 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
     - From PARALLEL_MIN_ROWS rows on, rows are converted and tokenized in worker processes.
     - `columns` maps a format's column to the file's name for it ({"prompt": "question"}): renamed
       on reading, before the format is detected.
+    - train_file may also be a Hugging Face dataset id or a directory of data files, loaded with
+      datasets.load_dataset(train_file, dataset_config, split=dataset_split).
     """
     _check_arguments(dataset_format=dataset_format, eval_split=eval_split, max_seq_length=max_seq_length,
                      invalid_rows=invalid_rows, train_file=train_file)
     settings = dict(train_file=train_file, eval_file=eval_file, eval_split=eval_split, dataset_format=dataset_format,
-                    max_seq_length=max_seq_length, seed=seed, invalid_rows=invalid_rows, columns=columns or None)
+                    max_seq_length=max_seq_length, seed=seed, invalid_rows=invalid_rows, columns=columns or None,
+                    dataset_config=dataset_config, dataset_split=dataset_split)
     directory = cache_dir() if cache else None
     try:
         key = cache_key(tokenizer=tokenizer, **settings) if directory is not None else None
@@ -929,14 +980,15 @@ def _scan(rows) -> tuple[int, Counter, list[tuple[int, str]]]:
 
 
 def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
-             seed: int, tokenizer, invalid_rows: str, columns: dict[str, str] | None = None) -> PreparedData:
+             seed: int, tokenizer, invalid_rows: str, columns: dict[str, str] | None = None,
+             dataset_config: str | None = None, dataset_split: str = "train") -> PreparedData:
     """prepare_data without the cache."""
     import numpy as np
 
     messages: list[str] = []
 
     # 1. Read the train file and settle the format (eval_file must fit the same one).
-    train_read = _mapped(_read(train_file), columns)
+    train_read = _mapped(_read(train_file, dataset_config=dataset_config, dataset_split=dataset_split), columns)
     train_source = _Source(str(train_file), train_read.unit)
     num_rows, column_sets, invalid = _scan(train_read.rows)
     if not column_sets:  # nothing to detect from: say why instead of "no columns"
@@ -1134,7 +1186,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int, seed: int,
-              invalid_rows: str, tokenizer, columns: dict[str, str] | None = None) -> str:
+              invalid_rows: str, tokenizer, columns: dict[str, str] | None = None, dataset_config: str | None = None,
+              dataset_split: str = "train") -> str:
     """The cache entry's name: a hash of everything prepare_data's result depends on. The seed
     and eval_split count only when they choose the eval split (no eval_file)."""
     import tokenizers
@@ -1152,7 +1205,10 @@ def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, 
     }, sort_keys=True).encode())
     # The contents, not the path: a moved or copied file hits, an edited one misses. (The file
     # names are in the key because messages and errors quote them.)
-    _digest_path(train_file, h)
+    if Path(train_file).exists() or not is_hub_name(str(train_file)):
+        _digest_path(train_file, h)   # (a missing file raises OSError: prepare_data then says which)
+    else:   # a hub dataset: datasets' fingerprint of its cached files, and which part of it
+        h.update(dataset_fingerprint(str(train_file), dataset_config, dataset_split).encode())
     h.update(b"\0eval\0")
     if eval_file is not None:
         _digest_path(eval_file, h)

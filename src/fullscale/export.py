@@ -667,7 +667,8 @@ def _run_eval_examples(source: Source, tokenizer) -> list[dict] | None:
     data = prepare_data(train_file=config.train_file or str(DEMO_TRAIN), eval_file=config.eval_file,
                         eval_split=config.eval_split, dataset_format=config.dataset_format,
                         max_seq_length=config.max_seq_length, seed=config.seed, tokenizer=tokenizer,
-                        invalid_rows=config.invalid_rows, columns=config.dataset_columns)
+                        invalid_rows=config.invalid_rows, columns=config.dataset_columns,
+                        dataset_config=config.dataset_config, dataset_split=config.dataset_split)
     return data.eval
 
 

@@ -16,7 +16,7 @@ from fullscale.errors import ConfigError
 # Settings whose change makes a resumed run a different run. The model, tokenizer and data are
 # compared by content (fingerprints), not by path; the batch by what each step sees.
 EXACTNESS_KEYS = (
-    "dataset_format", "dataset_columns", "max_seq_length", "invalid_rows", "packing", "group_by_length", "seed", "eval_split",
+    "dataset_format", "dataset_columns", "dataset_config", "dataset_split", "max_seq_length", "invalid_rows", "packing", "group_by_length", "seed", "eval_split",
     "learning_rate", "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler_type",
     "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "num_train_epochs",
     "max_steps", "bf16", "early_stopping_patience", "early_stopping_min_delta", "eval_steps",
@@ -134,6 +134,8 @@ def data_fingerprint(path: str | None) -> str | None:
     run, the same rows under another name do not."""
     if not path:
         return None
+    if not Path(path).exists():
+        return f"hub:{path}"   # a hub dataset: the token store's key holds datasets' fingerprint of it
     files, root = _data_files(path)
     return _hash_files(files, root if Path(path).is_dir() else None)
 
@@ -141,6 +143,8 @@ def data_fingerprint(path: str | None) -> str | None:
 def _legacy_data_fingerprint(path: str | None) -> str | None:
     if not path:
         return None
+    if not Path(path).exists():
+        return f"hub:{path}"
     files, root = _data_files(path)
     return _legacy_hash_files(files, root)
 

@@ -683,7 +683,8 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
         data = prepare_data(train_file=train_file, eval_file=config.eval_file, eval_split=config.eval_split,
                             dataset_format=config.dataset_format, max_seq_length=config.max_seq_length,
                             seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows,
-                            columns=config.dataset_columns)
+                            columns=config.dataset_columns, dataset_config=config.dataset_config,
+                            dataset_split=config.dataset_split)
     for line in data.messages:
         console.print(line)
     if world > 1:

@@ -120,3 +120,28 @@ def test_under_torchrun_the_data_is_tokenized_once_per_node(tmp_path, tiny_model
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data: tokenized by 1 of 2 processes" in proc.stdout
     assert len(list((tmp_path / "c" / "tokenized").glob("*.store"))) == 1
+
+
+def test_a_directory_of_data_files_loads_with_datasets_and_reports_rows_by_number(tmp_path, tokenizer, monkeypatch):
+    # What datasets.load_dataset reads offline: a local dataset directory (a hub id is loaded the
+    # same way, from the local cache when there is no network).
+    monkeypatch.setenv("FULLSCALE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    rows = [{"prompt": f"rev {w}:", "completion": w[::-1]} for w in ("ab", "cde", "fgh", "ijk")]
+    rows.insert(2, {"prompt": "", "completion": None})
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = prepare(folder, tokenizer, eval_split=0.0)
+    assert data.format == "prompt_completion" and len(data.train) == 4
+    assert [n for n, _ in data.train_stats.skipped] == [3]
+    assert any("row 3" in m for m in data.messages)
+
+
+def test_a_hub_dataset_that_cannot_be_loaded_is_a_clear_error(tmp_path, tiny_model_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(model_name_or_path=str(tiny_model_dir), train_file="no-such-org/no-such-set",
+                                       output_dir=str(tmp_path / "run"), report_to="none")))
+    proc = cli("train", cfg, env_extra={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+                                        "HF_DATASETS_CACHE": str(tmp_path / "hf")})
+    assert proc.returncode == 2, proc.stderr
+    assert "cannot load the dataset 'no-such-org/no-such-set'" in proc.stderr and "Traceback" not in proc.stderr
