@@ -200,18 +200,12 @@ def _show_demo_generations(result) -> None:
 def cmd_prepare(args) -> int:
     """The data part of `fullscale train`, alone (e.g. on a CPU node before a GPU job): the run then
     opens the token store in seconds."""
-    from fullscale.data import cache_dir, prepare_data
+    from fullscale.data import cache_dir, prepare_for
     from fullscale.model import load_tokenizer
     from fullscale.train import check_invalid_share
 
     config, _ = _load_train_config(args)
-    tokenizer = load_tokenizer(config)
-    train_file = config.train_file or str(__import__("fullscale.demo", fromlist=["DEMO_TRAIN"]).DEMO_TRAIN)
-    data = prepare_data(train_file=train_file, eval_file=config.eval_file, eval_split=config.eval_split,
-                        dataset_format=config.dataset_format, max_seq_length=config.max_seq_length,
-                        seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows,
-                        columns=config.dataset_columns, dataset_config=config.dataset_config,
-                        dataset_split=config.dataset_split)
+    data = prepare_for(config, load_tokenizer(config))
     for line in data.messages:
         print(line)
     check_invalid_share(data, config)

@@ -896,6 +896,17 @@ def _check_arguments(*, dataset_format, eval_split, max_seq_length, invalid_rows
         raise ConfigError(problems)
 
 
+def prepare_for(config, tokenizer) -> PreparedData:
+    """prepare_data with a run's config (its data keys; no train_file: the demo data)."""
+    from fullscale.demo import DEMO_TRAIN
+
+    return prepare_data(train_file=config.train_file or str(DEMO_TRAIN), eval_file=config.eval_file,
+                        eval_split=config.eval_split, dataset_format=config.dataset_format,
+                        max_seq_length=config.max_seq_length, seed=config.seed, tokenizer=tokenizer,
+                        invalid_rows=config.invalid_rows, columns=config.dataset_columns,
+                        dataset_config=config.dataset_config, dataset_split=config.dataset_split)
+
+
 def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
                  seed: int, tokenizer, invalid_rows: str = "skip", cache: bool = True,
                  columns: dict[str, str] | None = None, dataset_config: str | None = None,

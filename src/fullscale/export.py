@@ -660,15 +660,9 @@ def _run_eval_examples(source: Source, tokenizer) -> list[dict] | None:
     if source.config is None:
         return None
     from fullscale.config import build_config
-    from fullscale.data import prepare_data
-    from fullscale.demo import DEMO_TRAIN
+    from fullscale.data import prepare_for
 
-    config = build_config(dict(source.config))
-    data = prepare_data(train_file=config.train_file or str(DEMO_TRAIN), eval_file=config.eval_file,
-                        eval_split=config.eval_split, dataset_format=config.dataset_format,
-                        max_seq_length=config.max_seq_length, seed=config.seed, tokenizer=tokenizer,
-                        invalid_rows=config.invalid_rows, columns=config.dataset_columns,
-                        dataset_config=config.dataset_config, dataset_split=config.dataset_split)
+    data = prepare_for(build_config(dict(source.config)), tokenizer)
     return data.eval
 
 

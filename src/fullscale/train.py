@@ -606,7 +606,7 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
 
 def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) -> dict[str, Any]:
     from fullscale import rundir
-    from fullscale.data import prepare_data
+    from fullscale.data import prepare_for
     from fullscale.plan import check_model, check_plan, pin_cpu_allocator
 
     # 1. Processes and device.
@@ -680,11 +680,7 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     # Tokenized once per node: the local main process prepares (or finds) the token store, the
     # other ranks of the node wait, then open the same store (a cache hit, memory-mapped).
     with accelerator.local_main_process_first():
-        data = prepare_data(train_file=train_file, eval_file=config.eval_file, eval_split=config.eval_split,
-                            dataset_format=config.dataset_format, max_seq_length=config.max_seq_length,
-                            seed=config.seed, tokenizer=tokenizer, invalid_rows=config.invalid_rows,
-                            columns=config.dataset_columns, dataset_config=config.dataset_config,
-                            dataset_split=config.dataset_split)
+        data = prepare_for(config, tokenizer)
     for line in data.messages:
         console.print(line)
     if world > 1:
