@@ -64,6 +64,24 @@ def make_config(tmp_path, tiny_model_dir, reverse_data):
     return make
 
 
+ROOT = Path(__file__).parents[1]
+
+
+def run_cli(*args, fault=None, env_extra=None, timeout=300, wait=True, **popen):
+    """`python -m fullscale ARGS` as a user runs it (this checkout's sources, one thread), with an
+    optional FULLSCALE_FAULT; wait=False returns the Popen (stdout and stderr piped, text)."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
+    env.pop("FULLSCALE_FAULT", None)
+    if fault:
+        env["FULLSCALE_FAULT"] = fault
+    cmd = [sys.executable, "-m", "fullscale", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, **popen)
+
+
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

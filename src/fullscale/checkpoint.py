@@ -161,7 +161,7 @@ def is_disk_error(exc: BaseException, *, where: Path | None = None, needed: int 
 
 
 def disk_error(path: Path, exc: BaseException, *, what: str, needed: int = 0) -> DiskSpaceError:
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
     free = shutil.disk_usage(path).free if path.exists() else None
     need = f"about {needed:,} bytes needed" if needed else "space for it needed"
     have = f", {free:,} bytes free" if free is not None else ""
@@ -238,24 +238,25 @@ def unloadable(path: Path) -> str | None:
                 or not isinstance(state.get("config"), dict):
             return f"{STATE} does not hold a fullscale training state"
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return f"{STATE} cannot be read ({_first_line(exc)})"
+        return f"{STATE} cannot be read ({first_line(exc)})"
     try:
         json.loads((path / "adapter_config.json").read_text())
         with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as fh:
             fh.keys()
     except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways
-        return f"the adapter does not load ({_first_line(exc)})"
+        return f"the adapter does not load ({first_line(exc)})"
     for name in ("optimizer.pt", "scheduler.pt", *sorted(p.name for p in path.glob("rng_state_*.pt"))):
         try:
             torch.load(path / name, weights_only=True, map_location="cpu")
         except Exception as exc:  # noqa: BLE001
-            return f"{name} does not load ({_first_line(exc)})"
+            return f"{name} does not load ({first_line(exc)})"
     return None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type where it says nothing), for one-line messages."""
     text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

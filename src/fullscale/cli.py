@@ -46,7 +46,7 @@ def _split_config_arg(args) -> tuple[str | None, list[str]]:
 
 @command("train", "train (or resume) a LoRA adapter: fullscale train [CONFIG.yaml] [key=value ...]")
 def cmd_train(args) -> int:
-    from fullscale.config import describe_keys, load_config
+    from fullscale.config import describe_keys
 
     if args.help_keys:
         print(describe_keys())
@@ -420,7 +420,6 @@ def _plan_parser(p):
 def cmd_plan(args) -> int:
     import json
 
-    from fullscale.config import load_config
     from fullscale.errors import ConfigError
     from fullscale.plan import build_plan, format_plan, probe
 

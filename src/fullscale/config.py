@@ -418,7 +418,7 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     need(c.max_steps == -1 or c.max_steps > 0, "max_steps", f"got {c.max_steps}; use a positive number of steps, or -1 to use num_train_epochs")
     for key in ("train_file", "eval_file"):
         value = getattr(c, key)
-        if value and not Path(value).exists() and not (key == "train_file" and _is_hub_name(value)):
+        if value and not Path(value).exists() and not (key == "train_file" and is_hub_name(value)):
             p.append(f"{key}{at(key)}: no such file or directory: {value}")
     if c.model_name_or_path and _looks_like_path(c.model_name_or_path) and not Path(c.model_name_or_path).exists():
         p.append(f"model_name_or_path{at('model_name_or_path')}: no such directory: {c.model_name_or_path} "
@@ -443,10 +443,10 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     return p
 
 
-def _is_hub_name(name: str) -> bool:
-    from fullscale.data import is_hub_name
-
-    return is_hub_name(name)
+def is_hub_name(name: str) -> bool:
+    """A Hugging Face dataset id ("org/name" or "name"), not a path."""
+    return bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name \
+        and Path(name).suffix.lower() not in (".jsonl", ".json", ".csv", ".parquet", ".ndjson")
 
 
 def _looks_like_path(name: str) -> bool:

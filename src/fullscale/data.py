@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fullscale.config import is_hub_name
 from fullscale.errors import ConfigError, DataError
 from fullscale.packing import PackingStats, collate_packed, pack_examples  # noqa: F401 (re-exported)
 
@@ -290,12 +291,6 @@ def _read_parquet(p: Path) -> _Rows:
 
 
 _SAVED_MARKERS = ("state.json", "dataset_dict.json", "dataset_info.json")   # what save_to_disk writes
-
-
-def is_hub_name(name: str) -> bool:
-    """A Hugging Face dataset id ("org/name" or "name"), not a path."""
-    return bool(name) and not name.startswith((".", "/", "~")) and name.count("/") <= 1 and "\\" not in name \
-        and not Path(name).suffix.lower() in (".jsonl", ".json", ".csv", ".parquet", ".ndjson")
 
 
 class _DatasetRows:
@@ -1017,7 +1012,7 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
     if eval_file is not None:
         eval_read = _mapped(_read(eval_file), columns)
         eval_source = _Source(str(eval_file), eval_read.unit)
-        _, eval_sets, _ = _scan(eval_read.rows)
+        eval_rows, eval_sets, _ = _scan(eval_read.rows)
         required = REQUIRED_COLUMNS[fmt]
         if eval_sets and not any(all(c in cols for c in required) for cols in eval_sets):
             found = set().union(*eval_sets)
@@ -1038,7 +1033,7 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
     if not n:
         pass  # reported below with every skip reason
     elif eval_read is not None:
-        eval_tok = _convert_and_tokenize(eval_read.rows, num_rows=len(eval_read.rows), source=eval_source, **work)
+        eval_tok = _convert_and_tokenize(eval_read.rows, num_rows=eval_rows, source=eval_source, **work)
         parts.append((eval_tok, np.arange(len(eval_tok.numbers)), eval_source.path, eval_tok.num_rows,
                       eval_tok.skipped))
     elif eval_split > 0 and n >= 2:

@@ -36,6 +36,7 @@ import torch
 import yaml
 
 from fullscale import checkpoint as ckpt
+from fullscale.checkpoint import first_line
 from fullscale.errors import CheckpointError, ModelError, UserError
 from fullscale.resumption import _TOKENIZER_FILES, model_matches, tokenizer_fingerprint
 
@@ -207,7 +208,7 @@ def _check_adapter_files(path: Path) -> None:
             fh.keys()
         json.loads((path / ADAPTER_FILES[1]).read_text())
     except Exception as exc:  # noqa: BLE001 - a truncated or overwritten file has many failure types
-        raise CheckpointError(f"the adapter in {path} is corrupted ({_first_line(exc)}); export another checkpoint "
+        raise CheckpointError(f"the adapter in {path} is corrupted ({first_line(exc)}); export another checkpoint "
                               "or re-create it by resuming the run") from None
 
 
@@ -443,7 +444,7 @@ def _not_an_export(path: Path) -> str | None:
     otherwise why it is not."""
     from fullscale import rundir
 
-    if rundir.is_run_dir(path) or any(p.name == rundir.MARKER for p in path.iterdir()):
+    if rundir.is_run_dir(path):
         return "is a run directory"
     try:
         manifest = ckpt.read_manifest(path)
@@ -565,7 +566,7 @@ def _write_tokenizer(staging: Path, source: Source) -> list[str]:
         AutoTokenizer.from_pretrained(str(staging), trust_remote_code=source.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"the tokenizer of {origin or source.base} does not load once exported "
-                         f"({_first_line(exc)}); check that its tokenizer files are complete") from None
+                         f"({first_line(exc)}); check that its tokenizer files are complete") from None
     return notes
 
 
@@ -640,7 +641,7 @@ def verification_batches(source: Source, tokenizer) -> tuple[list[dict[str, torc
         examples = _run_eval_examples(source, tokenizer)
         data = "held-out eval examples of the run"
     except (UserError, OSError) as exc:
-        log.warning("cannot rebuild the run's eval examples (%s); verifying on fixed texts", _first_line(exc))
+        log.warning("cannot rebuild the run's eval examples (%s); verifying on fixed texts", first_line(exc))
     if not examples:
         examples, data = _fixed_examples(tokenizer), "fixed texts"
     chosen, tokens = [], 0
@@ -834,7 +835,7 @@ def _load_tokenizer(path: str, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot load the tokenizer from {path}: {_first_line(exc)}. Check that the directory holds "
+        raise ModelError(f"cannot load the tokenizer from {path}: {first_line(exc)}. Check that the directory holds "
                          "the tokenizer files saved with save_pretrained") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -849,13 +850,13 @@ def _load_adapter_model(source: Source, *, dtype: torch.dtype, device: torch.dev
     try:
         base = AutoModelForCausalLM.from_pretrained(source.base, dtype=dtype, trust_remote_code=source.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot load the base model {source.base} ({source.base_origin}): {_first_line(exc)}. "
+        raise ModelError(f"cannot load the base model {source.base} ({source.base_origin}): {first_line(exc)}. "
                          "Give a local directory saved with save_pretrained (--base DIR)") from None
     try:
         model = PeftModel.from_pretrained(base, str(source.adapter_dir), is_trainable=False)
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"the adapter in {source.adapter_dir} does not fit the base {source.base}: "
-                              f"{_first_line(exc)}. Check that it was trained on this base") from None
+                              f"{first_line(exc)}. Check that it was trained on this base") from None
     return model.to(device).eval()
 
 
@@ -885,7 +886,7 @@ def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathL
                 str(path), dtype="auto" if dtype in ("auto", None) else _named_dtype(dtype),
                 trust_remote_code=trust_remote_code)
         except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+            raise ModelError(f"cannot load the model in {path}: {first_line(exc)}") from None
         return model.to(target).eval(), tokenizer
     in_run = (path.parent / "config.yaml").is_file()
     if in_run and path.name == "best_model":
@@ -926,8 +927,3 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

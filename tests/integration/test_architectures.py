@@ -4,11 +4,7 @@ included) trains, packing is proven isolated on the model or refused, attention 
 the model has, gradient checkpointing works, the merge verifies; a few are killed and resumed."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +12,9 @@ import yaml
 from safetensors.torch import load_file
 
 from archs import ARCHITECTURES, make_arch, save_arch
+from conftest import run_cli as _cli
 from tiny import make_tokenizer
 
-ROOT = Path(__file__).parents[2]
 # Models that cannot keep packed examples apart through position_ids: packing is refused there.
 PACKING_REFUSED = {"opt", "bloom"}
 # What the default targets must wrap (the attention projections under the model's own names).
@@ -119,15 +115,6 @@ def test_attention_auto_falls_back_to_eager_where_the_model_has_no_sdpa(tmp_path
         choices = choose(load_config(None, {"model_name_or_path": str(tmp_path / arch)}), torch.device("cpu"))
         assert choices.attn_implementation == expected, arch
     assert "does not support sdpa" in choices.describe() or choices.attn_implementation == "sdpa"
-
-
-def _cli(*args, fault=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    env.pop("FULLSCALE_FAULT", None)
-    if fault:
-        env["FULLSCALE_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "fullscale", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from conftest import read_metrics
+from conftest import run_cli as cli
 
 ROOT = Path(__file__).parents[2]
 EXIT_PREEMPTED = 75
@@ -35,17 +36,6 @@ def write_config(tmp_path, name, model_dir, data, **over):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
-
-
-def cli(*args, fault=None, env_extra=None, timeout=300, wait=True, **popen):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
-    env.pop("FULLSCALE_FAULT", None)
-    if fault:
-        env["FULLSCALE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "fullscale", *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, **popen)
 
 
 def tree_digest(path: Path) -> dict[str, str]:

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import read_metrics, step_losses
+from conftest import read_metrics, run_cli, step_losses
 
 ROOT = Path(__file__).parents[2]
 EXIT_PREEMPTED = 75
@@ -35,17 +35,6 @@ def write_config(tmp_path, name, model_dir, data, **over):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(values))
     return path
-
-
-def run_cli(*args, fault=None, timeout=300, wait=True, env_extra=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
-    env.pop("FULLSCALE_FAULT", None)
-    if fault:
-        env["FULLSCALE_FAULT"] = fault
-    cmd = [sys.executable, "-m", "fullscale", *map(str, args)]
-    if not wait:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def final_adapter(run_dir):

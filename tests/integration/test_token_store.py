@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import run_cli as cli
 from conftest import write_reverse_task
 
 ROOT = Path(__file__).parents[2]
-
-
-def cli(*args, env_extra=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
-    env.pop("FULLSCALE_FAULT", None)
-    return subprocess.run([sys.executable, "-m", "fullscale", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
 
 
 @pytest.fixture
