@@ -511,3 +511,37 @@ def test_data_stats_count_rows_examples_and_skips_consistently(tmp_path, tokeniz
     assert isinstance(stats, DataStats)
     assert stats.num_rows == stats.num_examples + stats.num_skipped == 2
     assert stats.num_label_tokens == sum(sum(lab != -100 for lab in ex["labels"]) for ex in data.train)
+
+
+def test_a_conversation_the_template_cannot_render_is_that_row_alone(tmp_path):
+    """Conversations are rendered a batch at a time; one the template raises on is reported (or
+    skipped) by its own row number and the rest of its batch still trains."""
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no forbidden words') }}"
+        "{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(6)]
+    rows[3]["messages"][1]["content"] = "a forbidden reply"
+    path = write_rows(tmp_path, rows, "jsonl")
+    data = prepare(path, tok)
+    assert [n for n, _ in data.train_stats.skipped] == [4]
+    assert "cannot render this conversation" in data.train_stats.skipped[0][1]
+    assert "no forbidden words" in data.train_stats.skipped[0][1]
+    assert len(data.train) == 5
+    with pytest.raises(DataError, match="line 4: the chat template cannot render"):
+        prepare(path, tok, invalid_rows="error")
+
+
+def test_the_direct_encoder_gives_the_tokenizers_own_ids_or_is_not_used():
+    from fullscale import data as data_module
+
+    tok = make_tokenizer()
+    texts = ["hello world", "<|user|>hi<|end|>", "a" * 300, ""]
+    for special in (True, False):
+        expected = [list(x) for x in tok(texts, add_special_tokens=special)["input_ids"]]
+        assert data_module._tokenize(tok, texts, add_special_tokens=special) == expected
+    assert data_module._direct_encoder(tok, texts, add_special_tokens=True) is not None
+    tok.backend_tokenizer.enable_truncation(max_length=4)  # a backend setting the call would override
+    assert data_module._direct_encoder(tok, texts, add_special_tokens=True) is None
