@@ -65,7 +65,7 @@ class Config:
     lora_dropout: float = _key(0.05, "dropout on the LoRA input")
     lora_target_modules: list[str] | str = _key(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters, or 'all-linear'")
     # --- data ---
-    train_file: str | None = _key(None, ".jsonl .json .csv .parquet or a datasets save_to_disk dir (none: the demo data)")
+    train_file: str | list | None = _key(None, ".jsonl .json .csv .parquet, a datasets save_to_disk dir, a hub dataset id, or a list of such sources mixed by weight, each {path, weight, dataset_config, dataset_split, dataset_format, dataset_columns} (none: the demo data)")
     eval_file: str | None = _key(None, "evaluation data; when absent, eval_split of the train rows is held out")
     eval_split: float = _key(0.05, "share of train rows held out for evaluation when there is no eval_file")
     dataset_format: str = _key("auto", "row format; auto detects it from the columns", DATASET_FORMATS)
@@ -266,7 +266,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
             where[k] = "command line"
     config = build_config(values, where=where, explicit=explicit)
     if config.output_dir is None:
-        name = Path(path).stem if path else Path(config.train_file).stem if config.train_file else "demo"
+        first = train_sources(config)[0]["path"] if config.train_file else None
+        name = Path(path).stem if path else Path(first).stem if first else "demo"
         config.output_dir = str(Path("runs") / name)
     return config
 
@@ -337,6 +338,8 @@ def _coerce(key: str, value: Any) -> tuple[bool, Any, str]:
                 return False, None, f"unsupported {bad}; choose from {list(REPORT_TO)}"
             value = [v for v in value if v != "none"]
         return True, value, ""
+    if key == "train_file" and isinstance(value, list):
+        return _coerce_sources(value)
     if key == "dataset_columns":
         if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             return True, dict(value), ""
@@ -380,6 +383,65 @@ def _coerce(key: str, value: Any) -> tuple[bool, Any, str]:
     return False, None, f"unsupported value {value!r}; expected {_type_name(tp)}"
 
 
+SOURCE_KEYS = ("path", "weight", "dataset_config", "dataset_split", "dataset_format", "dataset_columns")
+
+
+def _coerce_sources(value: list) -> tuple[bool, Any, str]:
+    """train_file as a list of sources: each a path (or hub id) or a mapping with `path` and
+    optional `weight` (> 0: that many times the source's examples per epoch) and the source's own
+    dataset_config / dataset_split / dataset_format / dataset_columns. Normalised to mappings."""
+    if not value:
+        return False, None, "an empty list; give a file (or a list of sources, each with a path)"
+    out, problems = [], []
+    for n, entry in enumerate(value, start=1):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict):
+            problems.append(f"source {n}: got {entry!r}; expected a path or a mapping with 'path' (and 'weight')")
+            continue
+        unknown = [k for k in entry if k not in SOURCE_KEYS]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), SOURCE_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(SOURCE_KEYS)})"
+            problems.append(f"source {n}: unknown key '{unknown[0]}'{hint}")
+            continue
+        clean = {}
+        for key, item in entry.items():
+            if key == "weight":
+                ok = isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item) and item > 0
+                why = f"{item!r} must be a number > 0 (1: every example once an epoch, 0.5: half, 2: twice)"
+            elif key == "path":
+                ok, item, why = _coerce("eval_file", item)   # a path, '~' expanded
+                ok = ok and bool(item)
+                why = why or "path must not be empty"
+            else:
+                ok, item, why = _coerce(key, item)
+            if not ok:
+                problems.append(f"source {n}: {key}: {why}")
+            clean[key] = float(item) if key == "weight" and ok else item
+        if "path" not in entry:
+            problems.append(f"source {n}: has no 'path' (a data file, a directory or a hub dataset id)")
+        out.append(clean)
+    if problems:
+        return False, None, "; ".join(problems)
+    return True, out, ""
+
+
+def train_sources(c: Config) -> list[dict[str, Any]]:
+    """The train data as a list of sources, each with every key set (a single train_file is one
+    source of weight 1 with the run's dataset_* keys; a list's entries fall back to those keys)."""
+    entries = c.train_file if isinstance(c.train_file, list) else [{"path": c.train_file}] if c.train_file else []
+    shared = {"weight": 1.0, "dataset_config": c.dataset_config, "dataset_split": c.dataset_split,
+              "dataset_format": c.dataset_format, "dataset_columns": c.dataset_columns}
+    return [{**shared, **entry} for entry in entries]
+
+
+def train_name(c: Config) -> str | None:
+    """The train data as one text (a path, or the paths of a mix joined by '+'), for messages and names."""
+    sources = train_sources(c)
+    return " + ".join(str(s["path"]) for s in sources) if sources else None
+
+
 def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     """Ranges and impossible combinations, each with the fix."""
     p: list[str] = []
@@ -416,10 +478,13 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     if c.max_steps <= 0:
         need(c.num_train_epochs > 0, "num_train_epochs", f"got {c.num_train_epochs}; must be > 0 unless max_steps > 0")
     need(c.max_steps == -1 or c.max_steps > 0, "max_steps", f"got {c.max_steps}; use a positive number of steps, or -1 to use num_train_epochs")
-    for key in ("train_file", "eval_file"):
-        value = getattr(c, key)
-        if value and not Path(value).exists() and not (key == "train_file" and is_hub_name(value)):
-            p.append(f"{key}{at(key)}: no such file or directory: {value}")
+    for n, source in enumerate(train_sources(c), start=1):
+        value = source["path"]
+        if not Path(value).exists() and not is_hub_name(value):
+            which = f" (source {n})" if isinstance(c.train_file, list) else ""
+            p.append(f"train_file{at('train_file')}{which}: no such file or directory: {value}")
+    if c.eval_file and not Path(c.eval_file).exists():
+        p.append(f"eval_file{at('eval_file')}: no such file or directory: {c.eval_file}")
     if c.model_name_or_path and _looks_like_path(c.model_name_or_path) and not Path(c.model_name_or_path).exists():
         p.append(f"model_name_or_path{at('model_name_or_path')}: no such directory: {c.model_name_or_path} "
                  "(give a local model directory or a hub id such as org/name)")

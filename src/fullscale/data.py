@@ -106,6 +106,7 @@ class PreparedData:
     eval_stats: DataStats | None
     messages: list[str]  # human-readable lines for the console
     from_store: bool = False  # read from an existing token store (this process tokenized nothing)
+    sources: list[tuple[str, DataStats]] | None = None  # a mix: each train source's own statistics
 
 
 # --------------------------------------------------------------------------------------
@@ -115,6 +116,11 @@ class PreparedData:
 class _Rows(NamedTuple):
     rows: list[tuple[int, dict | None, str | None]]
     unit: str  # "line" (jsonl: row numbers are line numbers) or "row"
+
+
+def count_rows(path: str | os.PathLike, *, dataset_config: str | None = None, dataset_split: str = "train") -> int:
+    """The rows of a data source (a file, a directory, a hub dataset id), read once."""
+    return sum(1 for _ in _read(path, dataset_config=dataset_config, dataset_split=dataset_split).rows)
 
 
 def load_rows(path: str | os.PathLike) -> list[tuple[int, dict | None, str | None]]:
@@ -980,14 +986,114 @@ def _check_arguments(*, dataset_format, eval_split, max_seq_length, invalid_rows
 
 
 def prepare_for(config, tokenizer) -> PreparedData:
-    """prepare_data with a run's config (its data keys; no train_file: the demo data)."""
+    """prepare_data with a run's config (its data keys; no train_file: the demo data). A list of
+    sources is prepared source by source (each its own token store) and mixed by weight."""
+    from fullscale.config import train_sources
     from fullscale.demo import DEMO_TRAIN
 
+    common = dict(max_seq_length=config.max_seq_length, seed=config.seed, tokenizer=tokenizer,
+                  invalid_rows=config.invalid_rows)
+    if isinstance(config.train_file, list):
+        return prepare_mix(train_sources(config), eval_file=config.eval_file, eval_split=config.eval_split,
+                           **common)
     return prepare_data(train_file=config.train_file or str(DEMO_TRAIN), eval_file=config.eval_file,
                         eval_split=config.eval_split, dataset_format=config.dataset_format,
-                        max_seq_length=config.max_seq_length, seed=config.seed, tokenizer=tokenizer,
-                        invalid_rows=config.invalid_rows, columns=config.dataset_columns,
-                        dataset_config=config.dataset_config, dataset_split=config.dataset_split)
+                        columns=config.dataset_columns, dataset_config=config.dataset_config,
+                        dataset_split=config.dataset_split, **common)
+
+
+def mixed_count(num: int, weight: float) -> int:
+    """Examples a source of `num` examples gives an epoch at `weight`: every one floor(weight)
+    times, plus a seeded sample of the fraction (at least one example from a source that has any)."""
+    whole = math.floor(weight)
+    return max(1 if num else 0, whole * num + round((weight - whole) * num))
+
+
+def _mixed_positions(num: int, weight: float, seed: int):
+    """The positions (into a source's examples) that the mix takes: mixed_count of them, in order."""
+    import numpy as np
+
+    whole = math.floor(weight)
+    extra = mixed_count(num, weight) - whole * num
+    taken = np.tile(np.arange(num, dtype=np.int64), whole)
+    if extra:
+        sample = np.sort(np.random.default_rng(seed).choice(num, size=extra, replace=False))
+        taken = np.concatenate([taken, sample])
+    return np.sort(taken, kind="stable")
+
+
+def _mixed_stats(parts: list[tuple[str, Any, DataStats]], counts: list) -> DataStats:
+    """One DataStats for a mix: rows, skips and truncations summed (reasons name their source),
+    tokens and label tokens of the examples as mixed (repeats counted)."""
+    import numpy as np
+
+    from fullscale.tokenstore import example_lengths
+
+    out = DataStats()
+    for (name, examples, stats), count in zip(parts, counts):
+        out.num_rows += stats.num_rows
+        out.num_skipped += stats.num_skipped
+        out.num_truncated += stats.num_truncated
+        out.skipped += [(n, f"{name}: {why}") for n, why in stats.skipped]
+        out.truncated_rows += stats.truncated_rows
+        out.num_examples += int(count.sum())
+        lengths = np.asarray(example_lengths(examples), dtype=np.int64)
+        out.num_tokens += int((lengths * count).sum())
+        out.num_label_tokens += int((examples.label_counts(IGNORE_INDEX) * count).sum())
+    return out
+
+
+def prepare_mix(sources: list[dict], *, eval_file, eval_split: float, max_seq_length: int, seed: int,
+                tokenizer, invalid_rows: str = "skip", cache: bool = True) -> PreparedData:
+    """Several train sources (config.train_sources entries), each prepared as prepare_data does (its
+    own format, store, skip report by row number), mixed by weight into one train split.
+
+    A source of weight w gives mixed_count(n, w) of its n examples an epoch (the sampler shuffles
+    the mix). Without eval_file, each source holds out eval_split of its own rows and the eval
+    split is all of them, unweighted; an eval_file is prepared on its own (its format detected)."""
+    import numpy as np
+
+    from fullscale.tokenstore import Mixture
+
+    messages: list[str] = []
+    trains, evals, formats, from_store = [], [], [], []
+    for k, source in enumerate(sources):
+        data = prepare_data(train_file=source["path"], eval_file=None,
+                            eval_split=0.0 if eval_file else eval_split, dataset_format=source["dataset_format"],
+                            max_seq_length=max_seq_length, seed=seed, tokenizer=tokenizer, invalid_rows=invalid_rows,
+                            cache=cache, columns=source["dataset_columns"], dataset_config=source["dataset_config"],
+                            dataset_split=source["dataset_split"])
+        messages += data.messages
+        formats.append(data.format)
+        from_store.append(data.from_store)
+        trains.append((str(source["path"]), data.train, data.train_stats, source["weight"]))
+        if data.eval is not None:
+            evals.append((str(source["path"]), data.eval, data.eval_stats))
+    if eval_file:
+        held = prepare_data(train_file=eval_file, eval_file=None, eval_split=0.0, dataset_format="auto",
+                            max_seq_length=max_seq_length, seed=seed, tokenizer=tokenizer, invalid_rows=invalid_rows,
+                            cache=cache)
+        messages += held.messages
+        from_store.append(held.from_store)
+        evals = [(str(eval_file), held.train, held.train_stats)]
+    positions = [_mixed_positions(len(ex), w, seed + k) for k, (_, ex, _, w) in enumerate(trains)]
+    counts = [np.bincount(p, minlength=len(ex)) for p, (_, ex, _, _) in zip(positions, trains)]
+    which = np.concatenate([np.full(len(p), k, dtype=np.int32) for k, p in enumerate(positions)])
+    train = Mixture([ex for _, ex, _, _ in trains], which, np.concatenate(positions))
+    train_stats = _mixed_stats([(n, ex, st) for n, ex, st, _ in trains], counts)
+    shares = ", ".join(f"{name} x{w:g} -> {int(c.sum()):,} ({100 * c.sum() / max(1, len(train)):.0f}%)"
+                       for (name, _, _, w), c in zip(trains, counts))
+    messages.append(f"mix: {len(train):,} train examples an epoch from {len(trains)} sources ({shares})")
+    eval_examples = eval_stats = None
+    if evals:
+        eval_examples = Mixture([ex for _, ex, _ in evals],
+                                np.concatenate([np.full(len(ex), k, dtype=np.int32) for k, (_, ex, _) in enumerate(evals)]),
+                                np.concatenate([np.arange(len(ex), dtype=np.int64) for _, ex, _ in evals]))
+        eval_stats = _mixed_stats(evals, [np.ones(len(ex), dtype=np.int64) for _, ex, _ in evals])
+    return PreparedData(train=train, eval=eval_examples, format="+".join(dict.fromkeys(formats)),
+                        train_stats=train_stats, eval_stats=eval_stats, messages=messages,
+                        from_store=all(from_store),
+                        sources=[(name, st) for name, _, st, _ in trains])
 
 
 def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,

@@ -640,7 +640,10 @@ class DataEstimate:
 def estimate_data(config: Config) -> DataEstimate | None:
     from fullscale.demo import DEMO_TRAIN
 
-    files = [Path(f) for f in (config.train_file or str(DEMO_TRAIN), config.eval_file) if f]
+    from fullscale.config import train_sources
+
+    sources = [s["path"] for s in train_sources(config)] or [str(DEMO_TRAIN)]
+    files = [Path(f) for f in (*sources, config.eval_file) if f]
     try:
         size = sum(sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
                    for f in files)
@@ -1044,21 +1047,23 @@ def _reset_peak(device: torch.device) -> None:
 def count_steps(config: Config, *, num_processes: int) -> tuple[int, int, int]:
     """(optimizer steps, evaluations, batches per evaluation) of the run, from the row counts."""
     from fullscale import sampler
-    from fullscale.data import load_rows
+    from fullscale.config import train_sources
+    from fullscale.data import count_rows, mixed_count
+    from fullscale.demo import DEMO_TRAIN
 
-    if config.train_file:
-        rows = len(load_rows(config.train_file))
-    else:
-        from fullscale.demo import DEMO_TRAIN
-
-        rows = len(load_rows(DEMO_TRAIN))
+    sources = train_sources(config) or [{"path": str(DEMO_TRAIN), "weight": 1.0, "dataset_config": None,
+                                         "dataset_split": "train"}]
+    num_train = num_eval = 0
+    for source in sources:   # each source holds out its own eval_split (a mix), then counts at its weight
+        rows = count_rows(source["path"], dataset_config=source["dataset_config"],
+                          dataset_split=source["dataset_split"])
+        held = 0
+        if not config.eval_file and config.eval_split > 0 and rows > 1:
+            held = min(rows - 1, max(1, math.ceil(rows * config.eval_split)))
+        num_eval += held
+        num_train += mixed_count(rows - held, source["weight"])
     if config.eval_file:
-        num_eval = len(load_rows(config.eval_file))
-    elif config.eval_split > 0 and rows > 1:
-        num_eval = min(rows - 1, max(1, math.ceil(rows * config.eval_split)))
-    else:
-        num_eval = 0
-    num_train = rows - (0 if config.eval_file else num_eval)
+        num_eval = count_rows(config.eval_file)
     global_batch = config.per_device_train_batch_size * num_processes
     per_epoch = sampler.steps_per_epoch(num_train, global_batch_size=global_batch, num_processes=num_processes,
                                         accumulation=config.gradient_accumulation_steps)

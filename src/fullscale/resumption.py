@@ -129,20 +129,25 @@ def _data_files(path: str) -> tuple[list[Path], Path]:
     return ([f for f in p.rglob("*") if f.is_file()], p) if p.is_dir() else ([p], p.parent)
 
 
-def data_fingerprint(path: str | None) -> str | None:
+def data_fingerprint(path: str | list | None) -> str | None:
     """Dataset contents (every byte; not the file's name or place): a changed row makes a different
-    run, the same rows under another name do not."""
+    run, the same rows under another name do not. A mix of sources: each source's contents with its
+    weight and own settings, in order."""
     if not path:
         return None
+    if isinstance(path, list):
+        parts = [{**{k: v for k, v in source.items() if k != "path"}, "data": data_fingerprint(source["path"])}
+                 for source in path]
+        return "mix:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     if not Path(path).exists():
         return f"hub:{path}"   # a hub dataset: the token store's key holds datasets' fingerprint of it
     files, root = _data_files(path)
     return _hash_files(files, root if Path(path).is_dir() else None)
 
 
-def _legacy_data_fingerprint(path: str | None) -> str | None:
-    if not path:
-        return None
+def _legacy_data_fingerprint(path: str | list | None) -> str | None:
+    if not path or isinstance(path, list):   # mixes came after version 1
+        return data_fingerprint(path)
     if not Path(path).exists():
         return f"hub:{path}"
     files, root = _data_files(path)

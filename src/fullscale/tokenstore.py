@@ -65,6 +65,12 @@ class Examples(Sequence):
         sizes = np.diff(self.offsets)
         return sizes if self.index is None else sizes[self.index]
 
+    def label_counts(self, ignore_index: int = -100) -> np.ndarray:
+        """Tokens with loss in each example (int64), one pass over the labels."""
+        marks = np.concatenate([[0], np.cumsum(self.labels != ignore_index, dtype=np.int64)])
+        counts = marks[self.offsets[1:]] - marks[self.offsets[:-1]]
+        return counts if self.index is None else counts[self.index]
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):
             return False
@@ -76,9 +82,42 @@ class Examples(Sequence):
         return f"Examples({len(self)} examples)"
 
 
+class Mixture(Sequence):
+    """Examples drawn from several splits (a mix of sources, each its own store): example i is
+    example `positions[i]` of split `parts[which[i]]`."""
+
+    def __init__(self, parts: list, which: np.ndarray, positions: np.ndarray):
+        self.parts, self.which, self.positions = parts, which, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.parts[int(self.which[i])][int(self.positions[i])]
+
+    def lengths(self) -> np.ndarray:
+        out = np.empty(len(self), dtype=np.int64)
+        for k, part in enumerate(self.parts):
+            mine = self.which == k
+            out[mine] = np.asarray(example_lengths(part), dtype=np.int64)[self.positions[mine]]
+        return out
+
+    __eq__ = Examples.__eq__
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Mixture({len(self)} examples from {len(self.parts)} sources)"
+
+
 def example_lengths(examples) -> list[int]:
     """Token counts of a split, from the store's offsets when it is one."""
-    if isinstance(examples, Examples):
+    if isinstance(examples, (Examples, Mixture)):
         return examples.lengths().tolist()
     return [len(ex["input_ids"]) for ex in examples]
 

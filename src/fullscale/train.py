@@ -209,7 +209,9 @@ def check_invalid_share(data, config: Config) -> None:
     """A few bad rows are skipped and reported; a file that is mostly bad is a wrong file or format."""
     from fullscale.errors import DataError
 
-    for name, stats in (("train_file", data.train_stats), ("eval_file", data.eval_stats)):
+    checked = [(f"train_file {name}", stats) for name, stats in data.sources] if data.sources else [
+        ("train_file", data.train_stats)]
+    for name, stats in checked + [("eval_file", data.eval_stats)]:
         if stats is None or not stats.num_rows or config.invalid_rows != "skip":
             continue
         share = stats.num_skipped / stats.num_rows

@@ -139,3 +139,81 @@ def test_a_hub_dataset_that_cannot_be_loaded_is_a_clear_error(tmp_path, tiny_mod
                                         "HF_DATASETS_CACHE": str(tmp_path / "hf")})
     assert proc.returncode == 2, proc.stderr
     assert "cannot load the dataset 'no-such-org/no-such-set'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sources_are_mixed_by_weight_each_in_its_own_format_and_store(tmp_path, tokenizer, monkeypatch):
+    from fullscale.config import load_config
+    from fullscale.data import mixed_count, prepare_for
+
+    monkeypatch.setenv("FULLSCALE_CACHE", str(tmp_path / "cache"))
+    pc = write_reverse_task(tmp_path / "pc.jsonl", n=40)
+    chat = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i}"}]}
+            for i in range(30)]
+    rows[7] = {"messages": "not a list"}   # a bad row: reported by its source and line
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = load_config(None, dict(model_name_or_path="x", train_file=[{"path": str(pc), "weight": 2},
+                                                                        {"path": str(chat), "weight": 0.5}],
+                                    eval_split=0.1, max_seq_length=64))
+    data = prepare_for(config, tokenizer)
+    # Each source holds out its own eval split (4 and 3 rows), then counts at its weight.
+    assert len(data.train) == mixed_count(36, 2) + mixed_count(26, 0.5) == 72 + 13
+    assert len(data.eval) == 4 + 3 and data.format == "prompt_completion+messages"
+    texts = [tokenizer.decode(ex["input_ids"]) for ex in data.train]
+    pc_texts = [t for t in texts if "rev " in t]
+    assert len(pc_texts) == 72 and all(pc_texts.count(t) % 2 == 0 for t in pc_texts)   # every example twice
+    assert len(set(t for t in texts if "say " in t)) == 13                             # a sample, no repeats
+    assert data.train_stats.num_rows == 36 + 26 + 0 or data.train_stats.num_rows == 40 - 4 + 30 - 3
+    assert [(n, why.split(":")[0]) for n, why in data.train_stats.skipped] == [(8, str(chat))]
+    assert [name for name, _ in data.sources] == [str(pc), str(chat)]
+    assert data.train_stats.num_tokens == sum(len(ex["input_ids"]) for ex in data.train)
+    assert data.train_stats.num_label_tokens == sum(sum(1 for x in ex["labels"] if x != -100) for ex in data.train)
+    assert any(m.startswith("mix: 85 train examples an epoch from 2 sources") for m in data.messages)
+    # Deterministic, and read back from the two stores the second time.
+    again = prepare_for(config, tokenizer)
+    assert again.from_store and again.train == data.train and again.eval == data.eval
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.store"))) == 2
+    # Packing and length grouping see the mix through its lengths.
+    from fullscale.packing import pack_examples
+    from fullscale.tokenstore import example_lengths
+
+    assert example_lengths(data.train) == [len(ex["input_ids"]) for ex in data.train]
+    _, stats = pack_examples(data.train, max_seq_length=64, seed=0, lazy=True)
+    assert stats.num_examples == len(data.train)
+
+
+def test_a_mixed_run_trains_resumes_and_refuses_a_changed_weight(tmp_path, tiny_model_dir, reverse_data):
+    from fullscale.config import load_config
+    from fullscale.plan import count_steps
+
+    other = write_reverse_task(tmp_path / "other.jsonl", n=50, seed=5)
+    sources = [{"path": str(reverse_data)}, {"path": str(other), "weight": 0.5}]
+    values = dict(model_name_or_path=str(tiny_model_dir), train_file=sources, output_dir=str(tmp_path / "run"),
+                  num_train_epochs=1, report_to="none", gradient_checkpointing=False, max_seq_length=64,
+                  per_device_train_batch_size=4, gradient_accumulation_steps=1, save_steps=5, eval_steps=0)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    steps, _, _ = count_steps(load_config(cfg), num_processes=1)
+    assert steps == -(-(96 - 5 + 25 - 3) // 4)   # 91 + mixed_count(47, 0.5) = 115 examples, batches of 4
+    proc = cli("train", cfg, fault="step@7")   # killed (SIGKILL) at step 7, after the checkpoint of step 5
+    assert proc.returncode == -9 and "mix: " in proc.stdout
+    proc = cli("train", cfg)
+    assert proc.returncode == 0, proc.stderr
+    assert "resum" in proc.stdout and f"step {steps}/{steps}" in proc.stdout.replace(",", "")
+    values["train_file"] = [{"path": str(reverse_data)}, {"path": str(other), "weight": 0.75}]
+    cfg.write_text(yaml.safe_dump(values))
+    proc = cli("train", cfg, "num_train_epochs=2")
+    assert proc.returncode == 2 and "train data contents changed" in proc.stderr
+
+
+def test_a_bad_source_entry_is_a_config_error_naming_it(tmp_path, tiny_model_dir, reverse_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "run"),
+                                       train_file=[{"path": str(reverse_data), "wieght": 2},
+                                                   {"path": str(tmp_path / "missing.jsonl")},
+                                                   {"path": str(reverse_data), "weight": 0}])))
+    proc = cli("train", cfg)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "source 1: unknown key 'wieght' (did you mean 'weight'?)" in proc.stderr
+    assert "source 3: weight: 0 must be a number > 0" in proc.stderr
+    assert not (tmp_path / "run").exists()
