@@ -198,7 +198,7 @@ def big(rows: int) -> None:
         config.write_text(text)
         t = run_train(config, tmp / "cache", processes=2)
         store = next((tmp / "cache" / "tokenized").glob("*.store"))
-        meta, _ = __import__("fullscale.tokenstore", fromlist=["x"]).read_header(store)
+        meta, _ = __import__("fullscale.data.store", fromlist=["x"]).read_header(store)
         tokens = meta["train_stats"]["num_tokens"]
         print(f"torchrun 2 processes, cold: {tokens:,} tokens; {t['ranks_line']}; first step "
               f"{t['seconds_to_first_step']:.0f} s after launch; largest process's peak RSS "

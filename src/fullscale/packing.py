@@ -67,7 +67,7 @@ def pack_examples(examples: list[dict], *, max_seq_length: int, seed: int,
     Raises ValueError for an example longer than max_seq_length (prepare_data truncates them).
     `lazy`: return PackedRows (bins of indices, rows put together when read) instead of a list.
     """
-    from fullscale.tokenstore import example_lengths
+    from fullscale.data.store import example_lengths
 
     lengths = example_lengths(examples)   # from the token store's offsets when the examples are views
     for i, n in enumerate(lengths):

@@ -39,7 +39,7 @@ from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_l
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
-from fullscale.tokenstore import example_lengths
+from fullscale.data.store import example_lengths
 from fullscale import sharding, zero
 
 STOP_REASONS = ("max_steps", "epochs", "early_stopping", "preempted", "health_abort")

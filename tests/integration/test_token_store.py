@@ -34,7 +34,7 @@ def prepare(path, tokenizer, **kw):
 
 
 def test_prepared_examples_are_views_into_one_memory_mapped_store(tmp_path, tokenizer, monkeypatch):
-    from fullscale.tokenstore import Examples
+    from fullscale.data.store import Examples
 
     monkeypatch.setenv("FULLSCALE_CACHE", str(tmp_path / "cache"))
     path = write_reverse_task(tmp_path / "train.jsonl", n=200)
@@ -175,7 +175,7 @@ def test_sources_are_mixed_by_weight_each_in_its_own_format_and_store(tmp_path, 
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.store"))) == 2
     # Packing and length grouping see the mix through its lengths.
     from fullscale.packing import pack_examples
-    from fullscale.tokenstore import example_lengths
+    from fullscale.data.store import example_lengths
 
     assert example_lengths(data.train) == [len(ex["input_ids"]) for ex in data.train]
     _, stats = pack_examples(data.train, max_seq_length=64, seed=0, lazy=True)

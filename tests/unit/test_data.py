@@ -535,7 +535,7 @@ def test_a_conversation_the_template_cannot_render_is_that_row_alone(tmp_path):
 
 
 def test_the_direct_encoder_gives_the_tokenizers_own_ids_or_is_not_used():
-    from fullscale import data as data_module
+    from fullscale.data import tokenize as data_module
 
     tok = make_tokenizer()
     texts = ["hello world", "<|user|>hi<|end|>", "a" * 300, ""]

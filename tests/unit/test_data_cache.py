@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from tiny import make_tokenizer  # noqa: E402
 
-import fullscale.data as data_module  # noqa: E402
+import fullscale.data.tokenize as data_module  # noqa: E402
 from fullscale.data import cache_dir, prepare_data  # noqa: E402
 from fullscale.errors import DataError  # noqa: E402
 
