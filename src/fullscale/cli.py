@@ -228,6 +228,7 @@ def _checkpoints_parser(p):
 def cmd_checkpoints(args) -> int:
     from fullscale.checkpoint import CheckpointManager
     from fullscale.errors import CheckpointError
+    from fullscale.units import format_size
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -271,17 +272,9 @@ def cmd_checkpoints(args) -> int:
         if info.reason:
             notes.append(info.reason)
         loss = f"{info.eval_loss:.4f}" if isinstance(info.eval_loss, float) else "-"
-        print(f"{info.step:>8}  {loss:>9}  {_size(info.size):>9}  {valid:<8}  {', '.join(notes)}")
-    print(f"total disk use of {run_dir}: {_size(manager.disk_usage())}")
+        print(f"{info.step:>8}  {loss:>9}  {format_size(info.size):>9}  {valid:<8}  {', '.join(notes)}")
+    print(f"total disk use of {run_dir}: {format_size(manager.disk_usage())}")
     return EXIT_OK
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # ----------------------------------------------------------------------------- status / report
@@ -497,7 +490,7 @@ def _main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    _quiet_libraries()
+    _quiet_libraries(load_models=args.command not in READS_FILES_ONLY)
     _, run = COMMANDS[args.command]
     from fullscale.preemption import EXIT_PREEMPTED, StartupInterrupted
 
@@ -519,13 +512,19 @@ def _main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _quiet_libraries() -> None:
+# Commands that only read a run's files: they never import torch or transformers (status < 1 s).
+READS_FILES_ONLY = ("status", "report", "checkpoints", "configs")
+
+
+def _quiet_libraries(*, load_models: bool = True) -> None:
     import warnings
 
     # Deprecation notices of renamed library functions are for library authors, not users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not load_models:
+        return
     try:
         import transformers
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fullscale.units import format_duration, format_number
 
 
 # ----------------------------------------------------------------------------- memory
@@ -66,21 +67,6 @@ def format_memory(stats: dict[str, float]) -> str:
 
 # ----------------------------------------------------------------------------- formatting
 
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-def format_number(x: float) -> str:
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return str(x)  # nan / inf are shown as such, never hidden
-    return f"{x:.4g}"
 
 
 def _jsonable(value: Any) -> Any:

@@ -1144,7 +1144,7 @@ def format_plan(plan: Plan) -> str:
                      f"peaks at ~{_size(dd.prepare_peak_bytes)} more in the local main process")
     t = plan.timing
     if t is not None:
-        from fullscale.monitor import format_duration
+        from fullscale.units import format_duration
 
         lines.append(f"time     micro-step {t.micro_step_seconds:.3f} s, update {t.optimizer_seconds:.3f} s -> step "
                      f"{t.step_seconds:.3f} s; {t.num_steps:,} steps + {t.num_evals} evaluations x {t.eval_batches} "

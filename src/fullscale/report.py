@@ -284,7 +284,7 @@ def _table(headers: list[str], rows: list[list[Any]], *, numeric: set[int] = fro
 
 
 def _cards(s: dict[str, Any]) -> str:
-    from fullscale.monitor import format_duration
+    from fullscale.units import format_duration
 
     step = f"{_fmt(s['step'])} / {s['total_steps'] if s['total_steps'] is not None else '?'}"
     if s["progress"] is not None:
@@ -293,7 +293,7 @@ def _cards(s: dict[str, Any]) -> str:
     items = [
         ("step", step),
         ("epoch", _fmt(s["epoch"], ".2f")),
-        ("last train loss", _fmt(s["last_train_loss"])),
+        ("train loss (last log)", _fmt(s["train_loss"])),
         ("last eval loss", _fmt(s["last_eval_loss"])),
         ("best eval loss", best),
         ("tokens/s", "-" if s["tokens_per_second"] is None else f"{s['tokens_per_second']:,.0f}"),

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fullscale.errors import CheckpointError
+from fullscale.units import format_duration, format_number, format_size  # noqa: F401 (format_size: report)
 
 STALE_FLOOR_SECONDS = 15 * 60   # never call a run dead sooner than this without seeing its process
 STALE_FACTOR = 3                # ... nor sooner than this many times the longest gap between its records
@@ -217,7 +218,8 @@ def _from_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
     if start:
         out.update(step=0, total_steps=start.get("total_steps"))
     if train:
-        out.update(step=train["step"], epoch=train.get("epoch"), last_train_loss=train.get("loss"),
+        out.update(step=train["step"], epoch=train.get("epoch"), train_loss=train.get("loss"),
+                   last_train_loss=(train.get("step_losses") or [train.get("loss")])[-1],
                    learning_rate=train.get("learning_rate"), tokens_per_second=train.get("tokens_per_second"),
                    peak_memory_gb=train.get("peak_gb"), updated=train.get("time"))
     if ev:
@@ -268,6 +270,7 @@ def collect_status(run_dir: str | os.PathLike, *, now: float | None = None) -> d
         "progress": step / total if isinstance(step, int) and isinstance(total, int) and total > 0 else None,
         "epoch": values.get("epoch"),
         "last_train_loss": values.get("last_train_loss"),
+        "train_loss": values.get("train_loss", values.get("last_train_loss")),
         "last_eval_loss": values.get("last_eval_loss"),
         "best_eval_loss": values.get("best_eval_loss"),
         "best_step": values.get("best_step"),
@@ -303,28 +306,8 @@ def to_json(status: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- text
 
-def _num(x: Any, fmt: str = ".4f") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
-
-
-def format_size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
-
-
 def format_status(s: dict[str, Any]) -> str:
     """The status as a few aligned lines for a terminal."""
-    from fullscale.monitor import format_duration
 
     lines = [f"{s['run_dir']}: {s['detail']}"]
 
@@ -336,11 +319,11 @@ def format_status(s: dict[str, Any]) -> str:
         pct = f" ({100 * s['progress']:.1f}%)" if s["progress"] is not None else ""
         epoch = f", epoch {s['epoch']:.2f}" if isinstance(s["epoch"], (int, float)) else ""
         row("step", f"{s['step']}/{total}{pct}{epoch}")
-    row("train loss", f"{_num(s['last_train_loss'])} (last logged)")
+    row("train loss", f"{format_number(s['train_loss'], '.4f')} (mean of the last logged steps)")
     no_eval = s["last_eval_loss"] is None
-    row("eval loss", "- (no evaluation yet)" if no_eval else f"{_num(s['last_eval_loss'])} (last)")
+    row("eval loss", "- (no evaluation yet)" if no_eval else f"{format_number(s['last_eval_loss'], '.4f')} (last)")
     if s["best_eval_loss"] is not None:
-        row("best eval", f"{_num(s['best_eval_loss'])} at step {s['best_step']}")
+        row("best eval", f"{format_number(s['best_eval_loss'], '.4f')} at step {s['best_step']}")
     speed = []
     if s["tokens_per_second"] is not None:
         speed.append(f"{s['tokens_per_second']:,.0f} tokens/s")
@@ -352,9 +335,9 @@ def format_status(s: dict[str, Any]) -> str:
     if speed:
         row("speed", "; ".join(speed))
     if s["learning_rate"] is not None:
-        row("lr", _num(s["learning_rate"], ".3g"))
+        row("lr", format_number(s["learning_rate"], ".3g"))
     if s["peak_memory_gb"] is not None:
-        row("peak memory", f"{_num(s['peak_memory_gb'], '.2f')} GB")
+        row("peak memory", f"{format_number(s['peak_memory_gb'], '.2f')} GB")
     if s["num_resumes"]:
         last = s["resumes"][-1] if s["resumes"] else None
         row("resumes", f"{s['num_resumes']}" + (f" (last from {last['checkpoint']}, {last['reason']})" if last else ""))

@@ -30,17 +30,18 @@ import torch
 from fullscale import checkpoint as ckpt
 from fullscale import faults, sampler
 from fullscale import resumption as resuming
+from fullscale import sharding, zero
 from fullscale.config import Config, effective_early_stopping
+from fullscale.data.store import example_lengths
 from fullscale.early_stop import EarlyStopping
 from fullscale.errors import ConfigError, DiskSpaceError, UserError
 from fullscale.evaluate import EvalResult, evaluate
 from fullscale.health import HealthEvent, HealthMonitor
 from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
-from fullscale.monitor import Monitor, format_duration, format_memory, memory_stats, write_json
+from fullscale.monitor import Monitor, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
-from fullscale.data.store import example_lengths
-from fullscale import sharding, zero
+from fullscale.units import format_duration, format_number
 
 STOP_REASONS = ("max_steps", "epochs", "early_stopping", "preempted", "health_abort")
 
@@ -252,6 +253,9 @@ class Run:
     sharded: bool = False              # FSDP: parameters and optimizer states are sharded (fullscale.sharding)
     deepspeed: bool = False            # model is a DeepSpeed engine, optimizer its ZeRO optimizer (fullscale.zero)
     run_lock: Any = None               # the main process's lock on run_dir (fullscale.rundir.RunLock)
+    epoch_done: float | None = None    # fractional epochs done at the last log (status.json)
+    logged_loss: float | None = None   # the mean train loss of the last log, as the console shows it
+    _running: dict = field(default_factory=dict)   # the last log's status values, kept by later rewrites
     _time_base: float = field(default_factory=time.perf_counter)
 
     @property
@@ -274,10 +278,14 @@ class Run:
         s = self.state
         if self.run_lock is not None:
             self.run_lock.heartbeat()
+        if phase == "running":
+            self._running = dict(values)
+        values = {**self._running, **values}
+        epoch = values.pop("epoch", self.epoch_done if self.epoch_done is not None else s.epoch)
         write_json(self.run_dir / "status.json", {
             "phase": phase, "pid": os.getpid(), "host": socket.gethostname(), "updated": time.time(),
-            "step": s.step, "total_steps": self.total_steps, "epoch": values.pop("epoch", s.epoch),
-            "last_train_loss": s.last_train_loss, "last_eval_loss": s.last_eval_loss,
+            "step": s.step, "total_steps": self.total_steps, "epoch": epoch,
+            "last_train_loss": s.last_train_loss, "train_loss": self.logged_loss, "last_eval_loss": s.last_eval_loss,
             "best_eval_loss": self.stopper.best, "best_step": self.stopper.best_step,
             "elapsed_seconds": self.elapsed(), "num_resumes": s.num_resumes, **values,
         })
@@ -302,11 +310,12 @@ class Run:
         self.monitor.event("eval", step, eval_loss=result.eval_loss, eval_perplexity=result.eval_perplexity,
                            eval_tokens=result.num_tokens, eval_seconds=result.seconds, is_best=improved,
                            best_eval_loss=s.best, best_step=s.best_step, num_bad_evals=s.num_bad_evals)
-        note = " (best)" if improved else f" (best {_fmt(s.best)} at step {s.best_step}; {s.num_bad_evals} without improvement)"
+        note = " (best)" if improved else f" (best {format_number(s.best, '.4f')} at step {s.best_step}; {s.num_bad_evals} without improvement)"
         self.say(f"eval step {step}: loss {result.eval_loss:.4f}, perplexity {result.eval_perplexity:.3g}{note} "
                  f"[{result.seconds:.1f}s]")
         if improved:
             self.save_best_model(step, result.eval_loss)
+        self.write_status("running")   # `fullscale status` shows this evaluation at once, not at the next log
         return result
 
     def save_best_model(self, step: int, eval_loss: float) -> None:
@@ -988,6 +997,7 @@ def fit(run: Run) -> str:
                 mem = memory_stats(device)
                 eta = (now - start - run.eval_seconds) / steps_this_process * (run.total_steps - step)
                 epoch = state.epoch + state.micro_in_epoch / len(batches)   # fractional epochs done
+                run.epoch_done, run.logged_loss = epoch, mean_loss
                 run.monitor.event("train", step, loss=mean_loss, step_losses=log_losses, learning_rate=lr,
                                   grad_norm=norm, tokens_per_second=tokens_per_s, epoch=epoch, **mem)
                 run.monitor.progress(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s, eta_s=eta,
@@ -1059,7 +1069,7 @@ def finish(run: Run, stop_reason: str) -> dict[str, Any]:
                     f"Run the same command (or fullscale resume {run.run_dir}) to continue")
         else:
             run.say(f"done: {stop_reason} at step {state.step}/{run.total_steps} in {format_duration(elapsed)}; "
-                    f"best eval loss {_fmt(stopper.best)} at step {stopper.best_step}; peak memory "
+                    f"best eval loss {format_number(stopper.best, '.4f')} at step {stopper.best_step}; peak memory "
                     f"{mem['peak_gb']:.2f} GB")
         share = result["eval_share"]
         if share is not None and run.data.eval:
@@ -1075,10 +1085,6 @@ def finish(run: Run, stop_reason: str) -> dict[str, Any]:
     run.monitor.close()
     run.accelerator.wait_for_everyone()
     return result
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
 
 
 def _demo_train_file() -> str:
