@@ -371,8 +371,9 @@ def _generate_parser(p):
 def cmd_generate(args) -> int:
     from fullscale.generate import generate_from
 
-    replies = generate_from(args.model, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
-                            device=args.device, trust_remote_code=args.trust_remote_code)
+    replies, used = generate_from(args.model, args.prompt, base=args.base, max_new_tokens=args.max_new_tokens,
+                                  device=args.device, trust_remote_code=args.trust_remote_code)
+    print(f"prompt format: {used}", file=sys.stderr)
     for prompt, reply in zip(args.prompt, replies):
         if len(args.prompt) > 1:
             print(f"> {prompt}")

@@ -72,6 +72,8 @@ class Config:
     max_seq_length: int = _key(1024, "longer rows are truncated to this many tokens and counted")
     dataset_config: str | None = _key(None, "with a hub dataset id (or a directory of data files) as train_file: its configuration (datasets.load_dataset's name)")
     dataset_split: str = _key("train", "with a hub dataset id (or a directory of data files) as train_file: the split to train on")
+    alpaca_template: str | None = _key(None, "alpaca rows: the prompt, with {instruction} (and {input} for rows that have one); none: the classic Alpaca prompt (~200 characters of preamble)")
+    alpaca_template_with_input: str | None = _key(None, "alpaca rows with an input: the prompt, with {instruction} and {input} (default: alpaca_template when it has {input})")
     dataset_columns: dict[str, str] | None = _key(None, "the file's name for a format's column, e.g. {prompt: question, completion: answer} or {conversations: dialog}")
     invalid_rows: str = _key("skip", "empty, null or malformed rows: skip and count them, or stop with an error", INVALID_ROWS)
     max_invalid_share: float = _key(0.05, "with invalid_rows: skip, stop (exit 2) when more than this share of a file's rows is skipped: that much bad data is a wrong file or format, not a few bad rows")
@@ -502,6 +504,12 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     elif c.eval_steps == 0 and "early_stopping_patience" in c.explicit and c.early_stopping_patience > 0:
         p.append(f"early_stopping_patience{at('early_stopping_patience')}: early stopping needs periodic evaluation, "
                  "but eval_steps is 0; set eval_steps > 0 or early_stopping_patience: 0")
+    if c.alpaca_template is not None:
+        need("{instruction}" in c.alpaca_template, "alpaca_template",
+             "must contain {instruction}, where the row's instruction goes (e.g. '### Q:\\n{instruction}\\n### A:\\n')")
+    if c.alpaca_template_with_input is not None:
+        need("{instruction}" in c.alpaca_template_with_input and "{input}" in c.alpaca_template_with_input,
+             "alpaca_template_with_input", "must contain {instruction} and {input}")
     if c.memory_budget_gb is not None:
         need(c.memory_budget_gb > 0, "memory_budget_gb", f"got {c.memory_budget_gb}; must be > 0 (GB), or remove it to use the device's memory")
     need(0 <= c.memory_margin < 1, "memory_margin", f"got {c.memory_margin}; must be in [0, 1) (the default 0.1 keeps 10% free)")

@@ -38,6 +38,7 @@ import yaml
 from fullscale import checkpoint as ckpt
 from fullscale.checkpoint import first_line
 from fullscale.errors import CheckpointError, ModelError, UserError
+from fullscale.generate import read_prompt_format, write_prompt_format
 from fullscale.resumption import _TOKENIZER_FILES, model_matches, tokenizer_fingerprint
 
 log = logging.getLogger("fullscale")
@@ -343,6 +344,7 @@ class ExportResult:
     dtype: str | None = None
     verification: Verification | None = None
     notes: list[str] = field(default_factory=list)
+    prompt_format: dict | None = None   # how the run's prompts looked (prompt_format.json)
 
 
 def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str | int = "best",
@@ -391,6 +393,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint
         else:
             _write_adapter(staging, source)
         _write_generation_config(staging, source.base, merged=merge)
+        result.prompt_format = read_prompt_format(source.adapter_dir)
+        write_prompt_format(staging, result.prompt_format)
         (staging / CARD).write_text(model_card(result))
         ckpt.commit_directory(staging, out, manifest={"kind": EXPORT_KIND, "provenance": provenance(result)})
     except BaseException:
@@ -805,11 +809,27 @@ def model_card(result: ExportResult) -> str:
     ]
     lines += ["## Provenance", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows if v is not None]
+    lines += ["", "## Prompt format", "", _prompt_format_text(result.prompt_format)]
     for note in result.notes:
         lines += ["", f"Note: {note}."]
     if s.config is not None:
         lines += ["", "## fullscale config", "", "```yaml", yaml.safe_dump(s.config, sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _prompt_format_text(record: dict | None) -> str:
+    """How to prompt the model as it was trained (prompt_format.json holds the same)."""
+    if record is None:
+        return "Not recorded (a run made before fullscale wrote prompt_format.json)."
+    fmt = record["format"]
+    if fmt.split("+")[0] == "alpaca":
+        return (f"Trained on alpaca rows: prompt with the template below (`{{instruction}}` replaced), then read the "
+                f"completion.\n\n```\n{record['alpaca_template']}\n```")
+    if any(f in ("messages", "sharegpt") for f in fmt.split("+")):
+        return (f"Trained on chat data ({fmt}): prompt through the tokenizer's chat template with "
+                "`add_generation_prompt=True`.")
+    return (f"Trained on {fmt} rows: the prompt as plain text, tokenized with the tokenizer's special tokens "
+            "(`tokenizer(prompt)`), no chat template.")
 
 
 def _num(x: float | None) -> str | None:

@@ -16,7 +16,8 @@ from fullscale.errors import ConfigError
 # Settings whose change makes a resumed run a different run. The model, tokenizer and data are
 # compared by content (fingerprints), not by path; the batch by what each step sees.
 EXACTNESS_KEYS = (
-    "dataset_format", "dataset_columns", "dataset_config", "dataset_split", "max_seq_length", "invalid_rows", "packing", "group_by_length", "seed", "eval_split",
+    "dataset_format", "dataset_columns", "alpaca_template", "alpaca_template_with_input", "dataset_config",
+    "dataset_split", "max_seq_length", "invalid_rows", "packing", "group_by_length", "seed", "eval_split",
     "learning_rate", "gradient_accumulation_steps", "warmup_ratio", "weight_decay", "lr_scheduler_type",
     "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "num_train_epochs",
     "max_steps", "bf16", "early_stopping_patience", "early_stopping_min_delta", "eval_steps",

@@ -35,7 +35,9 @@ from fullscale.config import Config, effective_early_stopping
 from fullscale.data.store import example_lengths
 from fullscale.early_stop import EarlyStopping
 from fullscale.errors import ConfigError, DiskSpaceError, UserError
+from fullscale.data.prepare import run_alpaca_templates
 from fullscale.evaluate import EvalResult, evaluate
+from fullscale.generate import prompt_format, write_prompt_format
 from fullscale.health import HealthEvent, HealthMonitor
 from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
@@ -327,6 +329,7 @@ class Run:
         def write(d: Path) -> None:
             self.save_adapter(d, adapter)
             self.tokenizer.save_pretrained(d)
+            write_prompt_format(d, prompt_format(self.data.format, alpaca=run_alpaca_templates(self.config)))
 
         if self.is_main:
             try:
@@ -752,6 +755,7 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     if is_main:
         try:
             (run_dir / "config.yaml").write_text(config.to_yaml())
+            write_prompt_format(run_dir, prompt_format(data.format, alpaca=run_alpaca_templates(config)))
         except OSError as exc:
             if ckpt.is_disk_error(exc):
                 raise ckpt.disk_error(run_dir, exc, what="config.yaml") from None

@@ -337,7 +337,10 @@ def test_a_row_whose_prompt_fills_max_seq_length_is_skipped_with_a_reason(tmp_pa
     rows = [{"prompt": "p" * 30, "completion": "c"}, {"prompt": "q", "completion": "a" * 30}]
     data = prepare(write_rows(tmp_path, rows, "jsonl"), tokenizer, max_seq_length=10)
     assert [ex["row"] for ex in data.train] == [2]
-    assert data.train_stats.skipped == [(1, "prompt longer than max_seq_length=10: nothing to learn")]
+    # BOS + 30 prompt tokens; one more position for the first completion token that carries loss.
+    assert data.train_stats.skipped == [(1, "prompt of 31 tokens, longer than max_seq_length=10: nothing to learn "
+                                            "(needs max_seq_length >= 32)")]
+    assert data.train_stats.needed_length == 32
     assert data.train_stats.truncated_rows == [2]
     assert any(label != -100 for label in data.train[0]["labels"])
 
@@ -545,3 +548,23 @@ def test_the_direct_encoder_gives_the_tokenizers_own_ids_or_is_not_used():
     assert data_module._direct_encoder(tok, texts, add_special_tokens=True) is not None
     tok.backend_tokenizer.enable_truncation(max_length=4)  # a backend setting the call would override
     assert data_module._direct_encoder(tok, texts, add_special_tokens=True) is None
+
+
+def test_the_alpaca_template_is_configurable_and_a_too_long_prompt_says_the_length_needed(tmp_path, tokenizer):
+    from fullscale.data import alpaca_templates
+
+    rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+            {"instruction": "Name a color.", "input": "", "output": "blue"}]
+    path = write_rows(tmp_path, rows, "jsonl")
+    # The classic preamble does not fit 64 tokens: every row is skipped, and the error says what fits.
+    with pytest.raises(DataError) as info:
+        prepare(path, tokenizer, max_seq_length=64)
+    assert "Increase max_seq_length (now 64) to at least" in str(info.value) and "alpaca_template" in str(info.value)
+    short = alpaca_templates("Q: {instruction}\nA: ", "Q: {instruction} ({input})\nA: ")
+    data = prepare(path, tokenizer, max_seq_length=64, alpaca=short)
+    assert [tokenizer.decode(ex["input_ids"], skip_special_tokens=True) for ex in data.train] == [
+        "Q: Add the numbers. (2 and 3)\nA: 5", "Q: Name a color.\nA: blue"]
+    # A template with no {input} field skips rows that have one, with the fix.
+    data = prepare(path, tokenizer, max_seq_length=64, alpaca=alpaca_templates("Q: {instruction}\nA: "))
+    assert data.train_stats.skipped == [(1, "has an 'input' but alpaca_template has no {input} field: set "
+                                            "alpaca_template_with_input (or add {input} to alpaca_template)")]

@@ -28,6 +28,7 @@ from fullscale.data.formats import (
     CHAT_FORMATS,
     FORMATS,
     REQUIRED_COLUMNS,
+    alpaca_templates,
     detect_format,
     format_alpaca_prompt,
 )
@@ -39,7 +40,7 @@ from fullscale.packing import PackingStats, collate_packed, pack_examples
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "CACHE_VERSION", "CHAT_FORMATS", "FORMATS", "IGNORE_INDEX",
-    "INVALID_ROWS", "PARALLEL_MIN_ROWS", "REQUIRED_COLUMNS", "SUPPORTED_FILES", "DataStats", "PackingStats",
+    "INVALID_ROWS", "PARALLEL_MIN_ROWS", "REQUIRED_COLUMNS", "SUPPORTED_FILES", "DataStats", "alpaca_templates", "PackingStats",
     "PreparedData", "cache_dir", "cache_key", "collate", "collate_packed", "count_rows", "dataset_fingerprint",
     "detect_format", "format_alpaca_prompt", "load_rows", "mixed_count", "num_data_workers", "pack_examples",
     "prepare_data", "prepare_for", "prepare_mix", "tokenizer_fingerprint",

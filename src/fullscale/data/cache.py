@@ -21,7 +21,15 @@ from fullscale.data.records import DataStats, PreparedData
 # temporary file and renamed into place, so a reader sees a whole entry or none; an entry that
 # cannot be read (truncated, corrupt, from another version) is rebuilt.
 
-CACHE_VERSION = 3  # bump when the cached layout or meaning changes (3: the memory-mapped token store)
+CACHE_VERSION = 4  # bump when the cached layout or meaning changes (3: the memory-mapped token store, 4: needed lengths)
+
+
+def _code_digest() -> str:
+    """The data stages' own code: a change in how rows become tokens makes new entries."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def cache_dir() -> Path | None:
@@ -74,7 +82,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int, seed: int,
               invalid_rows: str, tokenizer, columns: dict[str, str] | None = None, dataset_config: str | None = None,
-              dataset_split: str = "train") -> str:
+              dataset_split: str = "train", alpaca: tuple[str, str | None] | None = None) -> str:
     """The cache entry's name: a hash of everything prepare_data's result depends on. The seed
     and eval_split count only when they choose the eval split (no eval_file)."""
     import tokenizers
@@ -83,12 +91,12 @@ def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, 
     splits = eval_file is None and eval_split > 0
     h = hashlib.sha256()
     h.update(json.dumps({
-        "version": CACHE_VERSION, "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        "version": CACHE_VERSION, "code": _code_digest(),
         "transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
         "dataset_format": dataset_format, "max_seq_length": max_seq_length, "invalid_rows": invalid_rows,
         "eval_split": eval_split if splits else None, "seed": seed if splits else None,
         "train_name": Path(train_file).name, "eval_name": Path(eval_file).name if eval_file else None,
-        "tokenizer": tokenizer_fingerprint(tokenizer), "columns": columns or None,
+        "tokenizer": tokenizer_fingerprint(tokenizer), "columns": columns or None, "alpaca": alpaca,
     }, sort_keys=True).encode())
     # The contents, not the path: a moved or copied file hits, an edited one misses. (The file
     # names are in the key because messages and errors quote them.)

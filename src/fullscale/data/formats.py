@@ -151,18 +151,33 @@ def _required_str(row: dict, key: str) -> str:
     return value
 
 
-def format_alpaca_prompt(*, instruction: str, input: str | None = None) -> str:
-    """The classic Alpaca prompt for an instruction (and optional input), ending in '### Response:\\n'."""
+def alpaca_templates(template: str | None = None, with_input: str | None = None) -> tuple[str, str | None]:
+    """The (template, template for rows with an input) in use: the classic Alpaca pair by default;
+    a template of one's own serves rows with an input too when it has an {input} field."""
+    if template is None and with_input is None:
+        return ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT
+    template = template if template is not None else ALPACA_PROMPT
+    return template, with_input if with_input is not None else (template if "{input}" in template else None)
+
+
+def format_alpaca_prompt(*, instruction: str, input: str | None = None,
+                         templates: tuple[str, str | None] | None = None) -> str:
+    """The Alpaca prompt for an instruction (and optional input): the classic one ending in
+    '### Response:\\n', or `templates` (from alpaca_templates)."""
+    plain, with_input = templates or (ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT)
     if input:
-        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT.format(instruction=instruction)
+        if with_input is None:
+            raise _Invalid("has an 'input' but alpaca_template has no {input} field: set alpaca_template_with_input "
+                           "(or add {input} to alpaca_template)")
+        return with_input.replace("{instruction}", instruction).replace("{input}", input)
+    return plain.replace("{instruction}", instruction).replace("{input}", "")
 
 
 def _convert_prompt_completion(row: dict) -> tuple[str, str]:
     return _required_str(row, "prompt"), _required_str(row, "completion")
 
 
-def _convert_alpaca(row: dict) -> tuple[str, str]:
+def _convert_alpaca(row: dict, templates: tuple[str, str | None] | None = None) -> tuple[str, str]:
     instruction = _required_str(row, "instruction")
     output = _required_str(row, "output")
     extra = row.get("input")
@@ -170,7 +185,8 @@ def _convert_alpaca(row: dict) -> tuple[str, str]:
         extra = None
     elif not isinstance(extra, str):
         raise _Invalid(f"'input' must be a string, got {_json_type(extra)}")
-    return format_alpaca_prompt(instruction=instruction, input=extra if extra and extra.strip() else None), output
+    return format_alpaca_prompt(instruction=instruction, input=extra if extra and extra.strip() else None,
+                                templates=templates), output
 
 
 # ShareGPT rows: {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]}.
@@ -308,10 +324,11 @@ def _convert_conversations(conversations: list[list[dict]], tokenizer) -> list:
 
 
 
-def _convert_rows(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str):
+def _convert_rows(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str,
+                  alpaca: tuple[str, str | None] | None = None):
     """Validate and render every row. Returns (items, row numbers, skipped (row, reason))."""
     converters = {"text": lambda r: _required_str(r, "text"), "prompt_completion": _convert_prompt_completion,
-                  "alpaca": _convert_alpaca, "messages": _validate_messages,
+                  "alpaca": lambda r: _convert_alpaca(r, alpaca), "messages": _validate_messages,
                   "sharegpt": lambda r: _validate_messages({"messages": _sharegpt_messages(r)})}
     convert = converters[fmt]
     results = []   # per row: (number, converted item or the exception that stops it)

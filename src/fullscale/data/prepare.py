@@ -10,7 +10,8 @@ from collections import Counter
 from typing import Any
 
 from fullscale.data.cache import _load_cached, _return_freed_memory, _save_cached, cache_dir, cache_key
-from fullscale.data.formats import CHAT_FORMATS, FORMATS, REQUIRED_COLUMNS, _choose_format_from, _match_format
+from fullscale.data.formats import (CHAT_FORMATS, FORMATS, REQUIRED_COLUMNS, _choose_format_from, _match_format,
+                                    alpaca_templates)
 from fullscale.data.readers import SUPPORTED_FILES, _mapped, _read
 from fullscale.data.records import IGNORE_INDEX, INVALID_ROWS, DataStats, PreparedData, _Source
 from fullscale.data.tokenize import _convert_and_tokenize, _part
@@ -46,7 +47,10 @@ def _no_examples_error(name: str, stats: DataStats, *, fmt: str, unit: str, max_
     if stats.num_rows == 0:
         return DataError(f"{name}: no rows to train on (the data is empty). Check train_file/eval_file.")
     reasons = "; ".join(f"{unit} {n}: {reason}" for n, reason in stats.skipped[:_MAX_LISTED])
-    fix = (f"Increase max_seq_length (now {max_seq_length}) or shorten the prompts."
+    at_least = f" to at least {stats.needed_length}" if stats.needed_length else ""
+    shorter = (" (or a shorter alpaca_template: the classic one adds about 200 characters to each prompt)"
+               if fmt == "alpaca" else "")
+    fix = (f"Increase max_seq_length (now {max_seq_length}){at_least}, or shorten the prompts{shorter}."
            if all("max_seq_length" in r for _, r in stats.skipped)
            else f"Fix the rows, or check that dataset_format '{fmt}' is the right one.")
     return DataError(f"{name}: none of its {stats.num_rows:,} rows can be used as dataset_format '{fmt}' "
@@ -80,7 +84,7 @@ def prepare_for(config, tokenizer) -> PreparedData:
     from fullscale.demo import DEMO_TRAIN
 
     common = dict(max_seq_length=config.max_seq_length, seed=config.seed, tokenizer=tokenizer,
-                  invalid_rows=config.invalid_rows)
+                  invalid_rows=config.invalid_rows, alpaca=run_alpaca_templates(config))
     if isinstance(config.train_file, list):
         return prepare_mix(train_sources(config), eval_file=config.eval_file, eval_split=config.eval_split,
                            **common)
@@ -88,6 +92,13 @@ def prepare_for(config, tokenizer) -> PreparedData:
                         eval_split=config.eval_split, dataset_format=config.dataset_format,
                         columns=config.dataset_columns, dataset_config=config.dataset_config,
                         dataset_split=config.dataset_split, **common)
+
+
+def run_alpaca_templates(config) -> tuple[str, str | None] | None:
+    """The run's Alpaca templates (None: the classic pair)."""
+    if config.alpaca_template is None and config.alpaca_template_with_input is None:
+        return None
+    return alpaca_templates(config.alpaca_template, config.alpaca_template_with_input)
 
 
 def mixed_count(num: int, weight: float) -> int:
@@ -132,7 +143,8 @@ def _mixed_stats(parts: list[tuple[str, Any, DataStats]], counts: list) -> DataS
 
 
 def prepare_mix(sources: list[dict], *, eval_file, eval_split: float, max_seq_length: int, seed: int,
-                tokenizer, invalid_rows: str = "skip", cache: bool = True) -> PreparedData:
+                tokenizer, invalid_rows: str = "skip", cache: bool = True,
+                alpaca: tuple[str, str | None] | None = None) -> PreparedData:
     """Several train sources (config.train_sources entries), each prepared as prepare_data does (its
     own format, store, skip report by row number), mixed by weight into one train split.
 
@@ -150,7 +162,7 @@ def prepare_mix(sources: list[dict], *, eval_file, eval_split: float, max_seq_le
                             eval_split=0.0 if eval_file else eval_split, dataset_format=source["dataset_format"],
                             max_seq_length=max_seq_length, seed=seed, tokenizer=tokenizer, invalid_rows=invalid_rows,
                             cache=cache, columns=source["dataset_columns"], dataset_config=source["dataset_config"],
-                            dataset_split=source["dataset_split"])
+                            dataset_split=source["dataset_split"], alpaca=alpaca)
         messages += data.messages
         formats.append(data.format)
         from_store.append(data.from_store)
@@ -160,7 +172,7 @@ def prepare_mix(sources: list[dict], *, eval_file, eval_split: float, max_seq_le
     if eval_file:
         held = prepare_data(train_file=eval_file, eval_file=None, eval_split=0.0, dataset_format="auto",
                             max_seq_length=max_seq_length, seed=seed, tokenizer=tokenizer, invalid_rows=invalid_rows,
-                            cache=cache)
+                            cache=cache, alpaca=alpaca)
         messages += held.messages
         from_store.append(held.from_store)
         evals = [(str(eval_file), held.train, held.train_stats)]
@@ -187,7 +199,7 @@ def prepare_mix(sources: list[dict], *, eval_file, eval_split: float, max_seq_le
 def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
                  seed: int, tokenizer, invalid_rows: str = "skip", cache: bool = True,
                  columns: dict[str, str] | None = None, dataset_config: str | None = None,
-                 dataset_split: str = "train") -> PreparedData:
+                 dataset_split: str = "train", alpaca: tuple[str, str | None] | None = None) -> PreparedData:
     """Load, convert, tokenize and mask the train (and eval) data.
 
     - Format: `dataset_format` or, under "auto", detected from the columns of all rows
@@ -209,12 +221,13 @@ def prepare_data(*, train_file, eval_file, eval_split: float, dataset_format: st
       on reading, before the format is detected.
     - train_file may also be a Hugging Face dataset id or a directory of data files, loaded with
       datasets.load_dataset(train_file, dataset_config, split=dataset_split).
+    - `alpaca`: the (template, template with input) of alpaca rows (None: the classic pair).
     """
     _check_arguments(dataset_format=dataset_format, eval_split=eval_split, max_seq_length=max_seq_length,
                      invalid_rows=invalid_rows, train_file=train_file)
     settings = dict(train_file=train_file, eval_file=eval_file, eval_split=eval_split, dataset_format=dataset_format,
                     max_seq_length=max_seq_length, seed=seed, invalid_rows=invalid_rows, columns=columns or None,
-                    dataset_config=dataset_config, dataset_split=dataset_split)
+                    dataset_config=dataset_config, dataset_split=dataset_split, alpaca=alpaca)
     directory = cache_dir() if cache else None
     try:
         key = cache_key(tokenizer=tokenizer, **settings) if directory is not None else None
@@ -269,7 +282,8 @@ def _scan(rows) -> tuple[int, Counter, list[tuple[int, str]]]:
 
 def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int,
              seed: int, tokenizer, invalid_rows: str, columns: dict[str, str] | None = None,
-             dataset_config: str | None = None, dataset_split: str = "train") -> PreparedData:
+             dataset_config: str | None = None, dataset_split: str = "train",
+             alpaca: tuple[str, str | None] | None = None) -> PreparedData:
     """prepare_data without the cache."""
     import numpy as np
 
@@ -307,7 +321,7 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
 
     # 2. Validate, render, tokenize, mask and truncate the rows a chunk at a time (invalid ones are
     # skipped or raise here); then split off eval by converted row, as a choice of indices.
-    work = dict(fmt=fmt, tokenizer=tokenizer, invalid_rows=invalid_rows, max_seq_length=max_seq_length)
+    work = dict(fmt=fmt, tokenizer=tokenizer, invalid_rows=invalid_rows, max_seq_length=max_seq_length, alpaca=alpaca)
     train_tok = _convert_and_tokenize(train_read.rows, num_rows=num_rows, source=train_source, **work)
     n = len(train_tok.numbers)
     everything = np.arange(n)

@@ -27,6 +27,7 @@ class DataStats:
     truncated_rows: list[int] = field(default_factory=list)
     num_tokens: int = 0  # input tokens over all examples, after truncation
     num_label_tokens: int = 0  # tokens that carry loss (label != -100)
+    needed_length: int | None = None  # the smallest max_seq_length that keeps a row skipped as too long
 
 
 @dataclass

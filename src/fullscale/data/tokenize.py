@@ -107,10 +107,11 @@ def _tokenize_items(fmt: str, items: list, tokenizer) -> list[tuple[list[int], l
 
 
 
-TOO_LONG = "prompt longer than max_seq_length={}: nothing to learn"
+TOO_LONG = "prompt of {} tokens, longer than max_seq_length={}: nothing to learn (needs max_seq_length >= {})"
 
 
-def _prepare_chunk(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str, max_seq_length: int) -> dict:
+def _prepare_chunk(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: str, max_seq_length: int,
+                   alpaca: tuple[str, str | None] | None = None) -> dict:
     """Convert, tokenize, mask and truncate one chunk of rows. Returns compact arrays (what a worker
     sends back): per converted item its row number, whether it was kept, too long or truncated, its
     tokens and label tokens; the kept items' ids and labels, flat int32; the invalid rows skipped.
@@ -119,7 +120,7 @@ def _prepare_chunk(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: 
     import numpy as np
 
     items, numbers, skipped = _convert_rows(rows, fmt=fmt, tokenizer=tokenizer, source=source,
-                                            invalid_rows=invalid_rows)
+                                            invalid_rows=invalid_rows, alpaca=alpaca)
     try:
         encoded = _tokenize_items(fmt, items, tokenizer)
     except _TemplateUnstable as exc:
@@ -129,6 +130,7 @@ def _prepare_chunk(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: 
     truncated = np.zeros(n, dtype=bool)
     tokens = np.zeros(n, dtype=np.int64)
     label_tokens = np.zeros(n, dtype=np.int64)
+    needed = np.zeros(n, dtype=np.int64)   # too long: the max_seq_length that keeps one label token
     flat_ids: list[int] = []
     flat_labels: list[int] = []
     for i, (ids, labels) in enumerate(encoded):
@@ -138,13 +140,15 @@ def _prepare_chunk(rows, *, fmt: str, tokenizer, source: _Source, invalid_rows: 
         # labels[0] never carries loss (the model predicts token t+1 from tokens <= t).
         if num_label_tokens - (labels[0] != IGNORE_INDEX) == 0:
             truncated[i] = False
+            full = encoded[i][1]
+            needed[i] = next((p + 1 for p in range(1, len(full)) if full[p] != IGNORE_INDEX), len(full) + 1)
             continue
         kept[i] = True
         tokens[i], label_tokens[i] = len(ids), num_label_tokens
         flat_ids += ids
         flat_labels += labels
     return {"numbers": np.asarray(numbers, dtype=np.int64), "skipped": skipped, "kept": kept, "truncated": truncated,
-            "tokens": tokens, "label_tokens": label_tokens, "ids": np.array(flat_ids, dtype=np.int32),
+            "tokens": tokens, "label_tokens": label_tokens, "needed": needed, "ids": np.array(flat_ids, dtype=np.int32),
             "labels": np.array(flat_labels, dtype=np.int32)}
 
 
@@ -160,6 +164,7 @@ class _Tokenized(NamedTuple):
     truncated: Any
     tokens: Any
     label_tokens: Any
+    needed: Any                        # for the items too long to keep: the max_seq_length they need
     block: Any                         # fullscale.data.store.Examples over the kept items
     kept_rank: Any                     # item index -> its position in `block` (for kept items)
 
@@ -173,20 +178,20 @@ def _chunks(rows, size: int):
 
 
 def _convert_and_tokenize(rows, *, num_rows: int, fmt: str, tokenizer, source: _Source, invalid_rows: str,
-                          max_seq_length: int) -> _Tokenized:
+                          max_seq_length: int, alpaca: tuple[str, str | None] | None = None) -> _Tokenized:
     """Every row, a chunk at a time (in worker processes from PARALLEL_MIN_ROWS rows on), into arrays:
     neither the parsed rows nor their texts nor Python token lists are ever held for the whole file."""
     import numpy as np
 
     from fullscale.data.store import Examples
 
-    settings = dict(fmt=fmt, source=source, invalid_rows=invalid_rows, max_seq_length=max_seq_length)
+    settings = dict(fmt=fmt, source=source, invalid_rows=invalid_rows, max_seq_length=max_seq_length, alpaca=alpaca)
     workers = num_data_workers(num_rows)
     if workers:
         results = _in_workers(_worker_chunks(rows, _PARALLEL_CHUNK), settings, tokenizer, workers)
     else:
         results = (_prepare_chunk(chunk, tokenizer=tokenizer, **settings) for chunk in _chunks(rows, _PARALLEL_CHUNK))
-    parts: dict[str, list] = {k: [] for k in ("numbers", "kept", "truncated", "tokens", "label_tokens")}
+    parts: dict[str, list] = {k: [] for k in ("numbers", "kept", "truncated", "tokens", "label_tokens", "needed")}
     skipped: list[tuple[int, str]] = []
     # The tokens go to unnamed temporary files as they come and are mapped back at the end: the
     # process's resident memory holds a chunk of them at a time, never the whole data.
@@ -223,7 +228,7 @@ def _convert_and_tokenize(rows, *, num_rows: int, fmt: str, tokenizer, source: _
     block = Examples(ids, labels, offsets, numbers[kept])
     return _Tokenized(source=source, num_rows=num_rows, skipped=skipped, numbers=numbers, kept=kept,
                       truncated=joined("truncated", bool), tokens=tokens, label_tokens=joined("label_tokens", np.int64),
-                      block=block, kept_rank=np.cumsum(kept) - 1)
+                      needed=joined("needed", np.int64), block=block, kept_rank=np.cumsum(kept) - 1)
 
 
 def _map_back(fh, dtype):
@@ -243,7 +248,9 @@ def _part(tok: _Tokenized, items, *, name: str, num_rows: int, skipped: list, ma
     kept = tok.kept[items]
     too_long = items[~kept]
     stats = DataStats(num_rows=num_rows, skipped=list(skipped) + [
-        (int(n), TOO_LONG.format(max_seq_length)) for n in tok.numbers[too_long]])
+        (int(n), TOO_LONG.format(int(need) - 1, max_seq_length, int(need)))
+        for n, need in zip(tok.numbers[too_long], tok.needed[too_long])])
+    stats.needed_length = int(tok.needed[too_long].min()) if len(too_long) else None
     stats.skipped.sort()
     stats.truncated_rows = [int(n) for n in tok.numbers[items[tok.truncated[items]]]]
     stats.num_tokens = int(tok.tokens[items].sum())
