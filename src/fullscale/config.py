@@ -243,6 +243,28 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _from_file_dir(config_dir: Path, key: str, value: Any) -> Any:
+    """A relative path in a config file, resolved against the file's directory (as users of
+    YAML-driven tools expect): output_dir and eval_file always (unless the path exists only from
+    the working directory, as in configs written before this rule); model_name_or_path and
+    train_file entries when the path exists there or starts with ./ or ../ (otherwise they may be
+    hub ids, or paths from the working directory)."""
+    if key == "train_file" and isinstance(value, list):
+        return [{**e, "path": _from_file_dir(config_dir, key, e["path"])} if isinstance(e, dict) and "path" in e
+                else _from_file_dir(config_dir, key, e) for e in value]
+    if key not in _PATH_KEYS or not isinstance(value, str) or not value or config_dir == Path("."):
+        return value
+    value = os.path.expanduser(value)
+    if os.path.isabs(value):
+        return value
+    there = os.path.normpath(config_dir / value)
+    if key in ("output_dir", "eval_file"):
+        return value if (Path(value).exists() and not Path(there).exists()) else there
+    if Path(there).exists() or value.startswith(("./", "../")):
+        return there
+    return value
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
                 *, base: dict[str, Any] | None = None) -> Config:
     """Build a validated Config from an optional YAML file, then overrides.
@@ -257,7 +279,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
     if path is not None:
         data, lines = read_yaml(path)
         for k, v in data.items():
-            values[str(k)] = v
+            values[str(k)] = _from_file_dir(Path(path).parent, str(k), v)
             explicit.add(str(k))
             where[str(k)] = f"{path}:{lines[str(k)]}" if str(k) in lines else str(path)
     if overrides:
