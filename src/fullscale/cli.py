@@ -17,12 +17,14 @@ from fullscale.errors import UserError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
-COMMANDS: dict[str, tuple] = {}
+COMMANDS: dict[str, tuple] = {}   # name -> (help, run(args) -> exit code, add_arguments(parser))
 
 
-def command(name: str, help: str):
+def command(name: str, help: str, arguments):
+    """Register a subcommand: its help line, its arguments (a function adding them to its parser)
+    and the decorated run(args) -> exit code."""
     def register(fn):
-        COMMANDS[name] = (help, fn)
+        COMMANDS[name] = (help, fn, arguments)
         return fn
     return register
 
@@ -44,7 +46,7 @@ def _split_config_arg(args) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-@command("train", "train (or resume) a LoRA adapter: fullscale train [CONFIG.yaml] [key=value ...]")
+@command("train", "train (or resume) a LoRA adapter: fullscale train [CONFIG.yaml] [key=value ...]", _train_parser)
 def cmd_train(args) -> int:
     from fullscale.config import describe_keys
 
@@ -82,7 +84,13 @@ def _load_train_config(args):
     return config, False
 
 
-@command("resume", "continue a run with its saved config: fullscale resume RUN_DIR")
+def _resume_parser(p):
+    p.add_argument("run_dir")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the base model's custom modelling code (never read from the run's config.yaml)")
+
+
+@command("resume", "continue a run with its saved config: fullscale resume RUN_DIR", _resume_parser)
 def cmd_resume(args) -> int:
     from fullscale.config import load_config
     from fullscale.errors import CheckpointError
@@ -96,12 +104,6 @@ def cmd_resume(args) -> int:
     config = load_config(cfg, {"output_dir": str(run_dir), "resume": "auto",
                                "trust_remote_code": bool(args.trust_remote_code)})
     return _run_training(config, demo=False)
-
-
-def _resume_parser(p):
-    p.add_argument("run_dir")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run the base model's custom modelling code (never read from the run's config.yaml)")
 
 
 class _SurvivingStream:
@@ -195,8 +197,45 @@ def _show_demo_generations(result) -> None:
         print(f"  {mark}{prompt[0]['content']!r}\n      model:    {got!r}\n      expected: {expected!r}")
 
 
+def _configs_parser(p):
+    p.add_argument("names", nargs="*", help="configs to copy (e.g. llama-8b-lora.yaml accelerate/fsdp.yaml), or all")
+    p.add_argument("--out", default=".", help="the directory to copy them into (default: here)")
+
+
+@command("configs", "list the example configs shipped with fullscale, or copy them: fullscale configs [NAME ... | all] "
+                    "[--out DIR]", _configs_parser)
+def cmd_configs(args) -> int:
+    import shutil
+
+    from fullscale.errors import ConfigError
+
+    root = Path(__file__).parent / "configs"
+    shipped = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    if not args.names:
+        for name in shipped:
+            first = (root / name).read_text().splitlines()[0] if name.endswith(".yaml") else ""
+            print(f"{name:<40} {first.lstrip('# ').strip() if first.startswith('#') else ''}")
+        print("copy with: fullscale configs NAME ... --out DIR (or all); relative paths in a config are relative to it")
+        return EXIT_OK
+    wanted = shipped if args.names == ["all"] else list(args.names)
+    unknown = [n for n in wanted if n not in shipped]
+    if unknown:
+        raise ConfigError(f"no shipped config {unknown[0]!r}; `fullscale configs` lists them ({', '.join(shipped)})")
+    if any("/" not in n and n.endswith(".yaml") for n in wanted):   # a training config's example data
+        wanted += [n for n in shipped if n.startswith("data/") and n not in wanted]
+    out = Path(args.out)
+    taken = [str(out / n) for n in wanted if (out / n).exists()]
+    if taken:
+        raise ConfigError(f"{taken[0]} exists; fullscale never overwrites your files: choose another --out or move it")
+    for name in wanted:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(root / name, out / name)
+        print(f"wrote {out / name}")
+    return EXIT_OK
+
+
 @command("prepare", "tokenize a config's data ahead of time into the token store and print the data report: "
-                    "fullscale prepare CONFIG.yaml [key=value ...]")
+                    "fullscale prepare CONFIG.yaml [key=value ...]", _train_parser)
 def cmd_prepare(args) -> int:
     """The data part of `fullscale train`, alone (e.g. on a CPU node before a GPU job): the run then
     opens the token store in seconds."""
@@ -224,7 +263,8 @@ def _checkpoints_parser(p):
     p.add_argument("--prune", action="store_true", help="set aside invalid checkpoints and apply save_total_limit")
 
 
-@command("checkpoints", "list a run's checkpoints: step, eval loss, size, validity, best, latest")
+@command("checkpoints", "list a run's checkpoints: step, eval loss, size, validity, best, latest",
+         _checkpoints_parser)
 def cmd_checkpoints(args) -> int:
     from fullscale.checkpoint import CheckpointManager
     from fullscale.errors import CheckpointError
@@ -284,7 +324,8 @@ def _status_parser(p):
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
 
 
-@command("status", "where a run stands (live or finished): progress, ETA, losses, checkpoints, health")
+@command("status", "where a run stands (live or finished): progress, ETA, losses, checkpoints, health",
+         _status_parser)
 def cmd_status(args) -> int:
     from fullscale.status import collect_status, format_status, to_json
 
@@ -298,7 +339,8 @@ def _report_parser(p):
     p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
 
 
-@command("report", "write a self-contained HTML report with plots: fullscale report RUN_DIR [--out FILE]")
+@command("report", "write a self-contained HTML report with plots: fullscale report RUN_DIR [--out FILE]",
+         _report_parser)
 def cmd_report(args) -> int:
     from fullscale.report import build_report
 
@@ -330,21 +372,29 @@ def _export_parser(p):
                                                     "available, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the base model's custom modelling code (only if you trust it; never read from the run)")
+    p.add_argument("--base-id", metavar="ORG/NAME",
+                   help="the base's hub id to record in adapter_config.json and the card, so the export loads on "
+                        "other machines (default: the base's own _name_or_path when it is a hub id, else its path)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME",
+                   help="upload the export to this Hugging Face repository (needs a token and network)")
 
 
-@command("export", "export a run's adapter or merged model, verified: fullscale export RUN_DIR --out DIR [--merge]")
+@command("export", "export a run's adapter or merged model, verified: fullscale export RUN_DIR --out DIR [--merge]",
+         _export_parser)
 def cmd_export(args) -> int:
-    from fullscale.export import export
+    from fullscale.export import check_push, export, push
 
+    if args.push_to_hub:
+        check_push(args.push_to_hub)   # refused before any work: offline, or no token
     result = export(args.run_dir, args.out, checkpoint=args.checkpoint, merge=args.merge, dtype=args.dtype,
                     force=args.force, base=args.base, allow_base_mismatch=args.allow_base_mismatch,
                     allow_quantized_merge=args.allow_quantized_merge, device=args.device,
-                    trust_remote_code=args.trust_remote_code, say=print)
+                    trust_remote_code=args.trust_remote_code, base_id=args.base_id, say=print)
     s, what = result.source, result.source.describe()
     for note in result.notes:
         print(f"note: {note}")
     if result.merged:
-        print(f"merged {what} into {s.base} in {result.dtype}")
+        print(f"merged {what} into a copy of the base {s.base} in {result.dtype} (the base is unchanged)")
         print(f"verified: {result.verification.describe()}")
         print(f"wrote {result.path}: loads with transformers AutoModelForCausalLM.from_pretrained (no peft needed); "
               f"try: fullscale generate {result.path} --prompt \"...\"")
@@ -352,6 +402,9 @@ def cmd_export(args) -> int:
         print(f"exported the adapter of {what} (base {s.base})")
         print(f"wrote {result.path}: adapter, tokenizer and chat template, generation config, README.md; "
               f"try: fullscale generate {result.path} --prompt \"...\"")
+    print(f"base recorded as {result.base_id}")
+    if args.push_to_hub:
+        print(f"pushed to https://huggingface.co/{push(result.path, args.push_to_hub)}")
     return EXIT_OK
 
 
@@ -367,7 +420,7 @@ def _generate_parser(p):
 
 
 @command("generate", "greedy generations from a model, an adapter or a run's best model: "
-                     "fullscale generate MODEL_OR_RUN_DIR --prompt TEXT")
+                     "fullscale generate MODEL_OR_RUN_DIR --prompt TEXT", _generate_parser)
 def cmd_generate(args) -> int:
     from fullscale.generate import generate_from
 
@@ -410,7 +463,7 @@ def _plan_parser(p):
 
 
 @command("plan", "memory per device, time and disk before launch, and settings that fit: "
-                 "fullscale plan CONFIG.yaml [key=value ...] [--probe] [--json]")
+                 "fullscale plan CONFIG.yaml [key=value ...] [--probe] [--json]", _plan_parser)
 def cmd_plan(args) -> int:
     import json
 
@@ -440,19 +493,12 @@ def cmd_plan(args) -> int:
 
 # ----------------------------------------------------------------------------- main
 
-PARSERS = {"train": _train_parser, "prepare": _train_parser, "resume": _resume_parser, "checkpoints": _checkpoints_parser,
-           "status": _status_parser, "report": _report_parser}
-PARSERS.update({"export": _export_parser, "generate": _generate_parser})
-PARSERS.update({"plan": _plan_parser})
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fullscale", description="Full-scale LoRA fine-tuning that survives crashes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, _) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        PARSERS[name](p)
+    for name, (help_text, _, arguments) in COMMANDS.items():
+        arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -492,7 +538,7 @@ def _main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     _quiet_libraries(load_models=args.command not in READS_FILES_ONLY)
-    _, run = COMMANDS[args.command]
+    _, run, _ = COMMANDS[args.command]
     from fullscale.preemption import EXIT_PREEMPTED, StartupInterrupted
 
     try:
@@ -533,3 +579,9 @@ def _quiet_libraries(*, load_models: bool = True) -> None:
         transformers.logging.disable_progress_bar()
     except ImportError:
         pass
+    import torch
+
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        # DeepSpeed (imported by accelerate and peft when installed) would pick the CPU itself and
+        # print a warning about it on every command; the same choice, without the warning.
+        os.environ["DS_ACCELERATOR"] = "cpu"

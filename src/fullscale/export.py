@@ -345,12 +345,14 @@ class ExportResult:
     verification: Verification | None = None
     notes: list[str] = field(default_factory=list)
     prompt_format: dict | None = None   # how the run's prompts looked (prompt_format.json)
+    base_id: str | None = None          # the base as recorded for others: a hub id (portable) or the local path
 
 
 def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str | int = "best",
            merge: bool = False, dtype: str = "auto", force: bool = False, base: str | None = None,
            allow_base_mismatch: bool = False, allow_quantized_merge: bool = False, device: str = "cpu",
-           trust_remote_code: bool = False, say: Callable[[str], None] = lambda s: None) -> ExportResult:
+           trust_remote_code: bool = False, base_id: str | None = None,
+           say: Callable[[str], None] = lambda s: None) -> ExportResult:
     """Export the adapter (or, with `merge`, the verified merged model) of `run_dir` to `out_dir`.
 
     `checkpoint`: "best", "latest" or a step. `dtype` (merge only): auto (the run's training dtype),
@@ -358,6 +360,8 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint
     (checked by fingerprint unless `allow_base_mismatch`). A quantized base is refused for a merge
     unless `allow_quantized_merge`. `device`: where the merge is computed and verified ("auto": cuda
     when available). `trust_remote_code`: run the base's custom code (only when the caller asks).
+    `base_id`: the hub id recorded as the base (adapter_config.json, the card), so the export loads
+    on other machines (default: the base's own `_name_or_path` when that is a hub id, else its path).
     `say`: progress lines. Raises UserError subclasses (CheckpointError, ModelError,
     ExportError) with a one-paragraph message; on any failure `out_dir` is left as it was.
     """
@@ -385,13 +389,16 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = ckpt.staging_dir(out.parent, out.name)
     try:
-        result = ExportResult(path=out, source=source, merged=merge)
+        result = ExportResult(path=out, source=source, merged=merge, base_id=base_id or hub_id_of(source.base))
+        if result.base_id == source.base and Path(source.base).is_dir():
+            result.notes.append(f"the base is recorded as the local path {source.base}: the export loads only where "
+                                "that path exists; pass --base-id ORG/NAME to record the base's hub id instead")
         result.notes += _write_tokenizer(staging, source)
         if merge:
             result.dtype = DTYPE_NAMES[torch_dtype]
             result.verification = _write_merged(staging, source, torch_dtype, device=_device(device), say=say)
         else:
-            _write_adapter(staging, source)
+            _write_adapter(staging, source, result.base_id)
         _write_generation_config(staging, source.base, merged=merge)
         result.prompt_format = read_prompt_format(source.adapter_dir)
         write_prompt_format(staging, result.prompt_format)
@@ -533,11 +540,57 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _write_adapter(staging: Path, source: Source) -> None:
+def check_push(repo: str) -> None:
+    """Refuse a --push-to-hub that cannot work, before any export work: offline, no token, a bad name."""
+    from fullscale.config import is_hub_name
+
+    if not (is_hub_name(repo) and repo.count("/") == 1):
+        raise ExportError(f"--push-to-hub {repo!r}: give a repository as ORG/NAME (or USER/NAME)")
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ExportError(f"cannot push to {repo}: HF_HUB_OFFLINE is set (no network). Export without "
+                          "--push-to-hub, then upload from a machine with network: "
+                          f"huggingface-cli upload {repo} EXPORT_DIR")
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise ExportError(f"cannot push to {repo}: no Hugging Face token. Run `huggingface-cli login` or set HF_TOKEN, "
+                          "or export without --push-to-hub")
+
+
+def push(out: Path, repo: str) -> str:
+    """Upload the export to `repo` (created private if missing); the export stays on disk whatever happens."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=True, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo, commit_message="fullscale export")
+    except Exception as exc:  # noqa: BLE001 - network, permissions: the export is written, say how to retry
+        error = ExportError(f"the export is written to {out}, but pushing it to {repo} failed: {first_line(exc)}. "
+                            f"Retry with: huggingface-cli upload {repo} {out}")
+        error.exit_code = 1
+        raise error from None
+    return repo
+
+
+def hub_id_of(base: str) -> str:
+    """The base as others can find it: a hub id as given, or the `_name_or_path` a local base's
+    config.json records when that is a hub id (not a path); else the local path itself."""
+    from fullscale.config import is_hub_name
+
+    if not Path(base).exists():
+        return base
+    recorded = (_read_json(Path(base) / "config.json") or {}).get("_name_or_path")
+    if isinstance(recorded, str) and "/" in recorded and is_hub_name(recorded) and not Path(recorded).exists():
+        return recorded
+    return base
+
+
+def _write_adapter(staging: Path, source: Source, base_id: str) -> None:
     shutil.copyfile(source.adapter_dir / ADAPTER_FILES[0], staging / ADAPTER_FILES[0])
     config = json.loads((source.adapter_dir / ADAPTER_FILES[1]).read_text())
-    if config.get("base_model_name_or_path") != source.base:
-        config["base_model_name_or_path"] = source.base  # where from_pretrained will look for the base
+    if config.get("base_model_name_or_path") != base_id:
+        config["base_model_name_or_path"] = base_id  # where from_pretrained will look for the base
         (staging / ADAPTER_FILES[1]).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     else:
         shutil.copyfile(source.adapter_dir / ADAPTER_FILES[1], staging / ADAPTER_FILES[1])
@@ -719,6 +772,7 @@ def provenance(result: ExportResult) -> dict[str, Any]:
     best = (s.result or {}).get("best_eval_loss")
     return {
         "base_model": s.base,
+        "base_model_id": result.base_id,
         "fingerprints": s.fingerprints,
         "source": {"run_dir": str(s.run_dir.resolve()) if s.run_dir else None, "adapter": s.label.rstrip("/"),
                    "step": s.step, "eval_loss": s.eval_loss},
@@ -738,7 +792,7 @@ def model_card(result: ExportResult) -> str:
     fp = s.fingerprints or {}
     lines = [
         "---",
-        f"base_model: {json.dumps(s.base)}",
+        f"base_model: {json.dumps(result.base_id or s.base)}",
         f"library_name: {'transformers' if result.merged else 'peft'}",
         "pipeline_tag: text-generation",
         "tags:",
@@ -752,7 +806,8 @@ def model_card(result: ExportResult) -> str:
     ]
     if result.merged:
         lines += [
-            f"The LoRA adapter merged into `{s.base}` ({result.dtype}). Loads with plain transformers, no peft:",
+            f"The LoRA adapter merged into a copy of `{result.base_id or s.base}` ({result.dtype}). Loads with plain "
+            "transformers, no peft:",
             "",
             "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -776,12 +831,13 @@ def model_card(result: ExportResult) -> str:
         ]
     else:
         lines += [
-            f"A LoRA adapter for `{s.base}`, with the base's tokenizer (and chat template) and generation config.",
+            f"A LoRA adapter for `{result.base_id or s.base}`, with the base's tokenizer (and chat template) and "
+            "generation config.",
             "",
             "```python",
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(s.base)})",
+            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(result.base_id or s.base)})",
             'model = PeftModel.from_pretrained(base, "path/to/this/directory")',
             'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
             "```",
@@ -789,9 +845,14 @@ def model_card(result: ExportResult) -> str:
             "or `fullscale.load_trained_model(None, \"path/to/this/directory\")`.",
             "",
         ]
+        rank = (s.config or {}).get("lora_rank")
+        if isinstance(rank, int) and rank > 16:
+            lines += [f"Serving with vLLM: `--enable-lora --max-lora-rank {rank}` (vLLM's default rank limit is 16, "
+                      f"below this adapter's rank {rank}).", ""]
     run = p["run"]
     rows = [
-        ("base model", f"`{s.base}`"),
+        ("base model", f"`{result.base_id or s.base}`"),
+        ("base model used for the export", f"`{s.base}`" if result.base_id not in (None, s.base) else None),
         ("base model fingerprint (config.json + weights)", fp.get("model")),
         ("tokenizer fingerprint", fp.get("tokenizer")),
         ("train data fingerprint", fp.get("train_data")),

@@ -270,3 +270,44 @@ def test_generate_from_a_merged_export_an_adapter_export_and_a_run(run, tmp_path
         assert main(["generate", str(target), "--prompt", "rev abc:", "--max-new-tokens", "8"]) == 0
         replies.append(capsys.readouterr().out)
     assert replies[0] == replies[1] == replies[2]
+
+
+# ----------------------------------------------------------------------------- portable exports
+
+
+def test_an_export_with_a_base_id_loads_through_peft_where_the_base_lives_elsewhere(run, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    run_dir, base = run
+    out = export(run_dir, tmp_path / "portable", base_id="my-org/tiny-base").path
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-org/tiny-base"
+    card = (out / "README.md").read_text()
+    assert 'base_model: "my-org/tiny-base"' in card and 'from_pretrained("my-org/tiny-base")' in card
+    assert f"base model used for the export | `{base}`" in card
+    assert "--max-lora-rank 32" in card   # the default rank 32 is above vLLM's default limit of 16
+    # Another machine: the base under its id in another layout (what a hub download resolves to).
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(base, elsewhere / "my-org" / "tiny-base")
+    shutil.copytree(out, elsewhere / "adapter")
+    monkeypatch.chdir(elsewhere)
+    model = AutoPeftModelForCausalLM.from_pretrained("adapter").eval()
+    enc = batch(AutoTokenizer.from_pretrained("adapter"))
+    assert torch.equal(logits(model, enc), logits(adapter_model(base, run_dir / "best_model"), enc))
+    # Without --base-id the local path is recorded, and the export says so.
+    result = export(run_dir, tmp_path / "local")
+    assert result.base_id == str(base) and any("--base-id" in note for note in result.notes)
+
+
+def test_push_to_hub_is_refused_before_any_work_without_network_or_token(run, tmp_path):
+    run_dir, _ = run
+    proc = run_cli("export", run_dir, "--out", tmp_path / "pushed", "--push-to-hub", "my-org/my-adapter")
+    assert proc.returncode == 2 and "HF_HUB_OFFLINE is set" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "pushed").exists()
+    env_home = tmp_path / "hf-home"
+    proc = subprocess.run([sys.executable, "-m", "fullscale", "export", str(run_dir), "--out", str(tmp_path / "pushed"),
+                           "--push-to-hub", "my-org/my-adapter"], capture_output=True, text=True, timeout=300,
+                          env={**{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")},
+                               "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "0", "HF_HOME": str(env_home)})
+    assert proc.returncode == 2 and "no Hugging Face token" in proc.stderr
+    assert not (tmp_path / "pushed").exists()

@@ -102,3 +102,22 @@ def test_the_example_configs_fit_80_gb_gpus_by_the_plan(name, processes, launch,
     plan = build_plan(local, num_processes=processes, device="cuda", sharding=sharding)
     assert plan.dtype == "bfloat16"
     assert plan.fits, plan.refusal()
+
+
+def test_the_configs_command_lists_copies_and_never_overwrites(tmp_path, capsys, monkeypatch):
+    from fullscale.cli import main
+
+    assert main(["configs"]) == 0
+    listing = capsys.readouterr().out
+    assert "llama-8b-lora.yaml" in listing and "accelerate/fsdp.yaml" in listing
+    assert main(["configs", "llama-8b-lora.yaml", "accelerate/ddp.yaml", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "accelerate" / "ddp.yaml").is_file() and (tmp_path / "data" / "example.jsonl").is_file()
+    # The copy works where it lands: its data path is relative to the file.
+    monkeypatch.chdir(tmp_path.parent)
+    config = load_config(tmp_path / "llama-8b-lora.yaml")
+    assert Path(config.train_file) == tmp_path / "data" / "example.jsonl"
+    before = (tmp_path / "llama-8b-lora.yaml").read_bytes()
+    (tmp_path / "llama-8b-lora.yaml").write_text("# mine\n")
+    assert main(["configs", "llama-8b-lora.yaml", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "llama-8b-lora.yaml").read_text() == "# mine\n" and before
+    assert main(["configs", "no-such.yaml"]) == 2
