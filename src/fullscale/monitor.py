@@ -65,8 +65,13 @@ def format_memory(stats: dict[str, float]) -> str:
     return f"RSS {stats['rss_gb']:.2f} GB, peak {stats['peak_gb']:.2f} GB"
 
 
-# ----------------------------------------------------------------------------- formatting
-
+def fit_line(parts: list[str], width: int, *, keep: int = 1) -> str:
+    """`parts` joined by ' | ', the last ones dropped until the line fits `width` (the first `keep`
+    always stay), then cut: a line rewritten in place must never wrap."""
+    parts = list(parts)
+    while len(parts) > keep and len(" | ".join(parts)) > width:
+        parts.pop()
+    return " | ".join(parts)[:max(1, width)]
 
 
 def _jsonable(value: Any) -> Any:
@@ -90,6 +95,7 @@ class Monitor:
         self.is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.run_dir = Path(run_dir)
         self._line_open = False
+        self._memory = ""   # the last log's memory figure, shown by the live bar between logs
         self.writer = None
         self._jsonl = None
         if not enabled or not files:
@@ -143,21 +149,49 @@ class Monitor:
         self.stream.write(text + "\n")
         self.stream.flush()
 
+    def columns(self) -> int:
+        """The terminal's width now (it may be resized during a run); 80 when unknown."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return 80
+
     def progress(self, step: int, *, loss: float, lr: float, tokens_per_s: float, eta_s: float,
                  memory: dict[str, float], epoch: float, grad_norm: float | None = None) -> None:
+        """The line of a log step: one plain line each (a pipe, `| tee`, a log file get one line per
+        log step); on a terminal it is fitted to the width, above the live bar."""
         if not self.enabled:
             return
         width = len(str(self.total_steps))
         mem = memory.get("allocated_gb", memory.get("rss_gb", float("nan")))
-        gn = f" | gnorm {format_number(grad_norm)}" if grad_norm is not None else ""
-        line = (f"step {step:>{width}}/{self.total_steps} | epoch {epoch:.2f} | loss {format_number(loss)} | "
-                f"lr {lr:.3g}{gn} | {tokens_per_s:,.0f} tok/s | ETA {format_duration(eta_s)} | mem {mem:.2f} GB")
+        self._memory = f"mem {mem:.2f} GB"
+        parts = [f"step {step:>{width}}/{self.total_steps}", f"loss {format_number(loss)}", f"epoch {epoch:.2f}",
+                 f"ETA {format_duration(eta_s)}", f"{tokens_per_s:,.0f} tok/s", f"lr {lr:.3g}", self._memory,
+                 *([f"gnorm {format_number(grad_norm)}"] if grad_norm is not None else [])]
         if self.is_tty:
-            self.stream.write("\r\x1b[2K" + line)
-            self._line_open = True
+            self.stream.write("\r\x1b[2K" + fit_line(parts, self.columns() - 1) + "\n")
+            self._line_open = False
         else:
-            self.stream.write(line + "\n")
+            order = [0, 2, 1, 5, 7, 4, 3, 6] if grad_norm is not None else [0, 2, 1, 5, 4, 3, 6]
+            self.stream.write(" | ".join(parts[i] for i in order) + "\n")
         self.stream.flush()
+
+    def tick(self, step: int, *, loss: float | None, steps_per_s: float, eta_s: float) -> None:
+        """The live bar, redrawn after every step on a terminal (nothing elsewhere): the bar, the
+        step, the last loss, speed, ETA and memory, fitted to the width so it never wraps."""
+        if not self.enabled or not self.is_tty or not self.total_steps:
+            return
+        width = self.columns() - 1
+        parts = [f"{step}/{self.total_steps}", f"loss {format_number(loss)}", f"ETA {format_duration(eta_s)}",
+                 f"{steps_per_s:.3g} steps/s", *([self._memory] if self._memory else [])]
+        bar = 20 if width >= 60 else 0   # a fixed width: the bar does not jump as the figures change
+        text = fit_line(parts, width - bar - 3 if bar else width)
+        if bar:
+            done = int(bar * min(1.0, step / self.total_steps))
+            text = f"[{'#' * done}{'.' * (bar - done)}] {text}"
+        self.stream.write("\r\x1b[2K" + text[:width])
+        self.stream.flush()
+        self._line_open = True
 
     def close(self) -> None:
         if self._line_open:

@@ -972,6 +972,10 @@ def fit(run: Run) -> str:
             steps_this_process += 1
             log_losses.append(loss)
             eval_losses.append(loss)
+            if run.monitor.is_tty:   # the live bar: every step on a terminal
+                spent = time.perf_counter() - start - run.eval_seconds
+                run.monitor.tick(step, loss=loss, steps_per_s=steps_this_process / max(spent, 1e-9),
+                                 eta_s=spent / steps_this_process * (run.total_steps - step))
             if steps_this_process == 1:
                 mem = memory_stats(device)
                 run.monitor.event("memory", step, phase="after_first_step", **mem)
