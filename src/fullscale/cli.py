@@ -337,6 +337,7 @@ def cmd_status(args) -> int:
 def _report_parser(p):
     p.add_argument("run_dir")
     p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    p.add_argument("--log-loss", action="store_true", help="draw the loss on a log axis (late-run gaps show)")
 
 
 @command("report", "write a self-contained HTML report with plots: fullscale report RUN_DIR [--out FILE]",
@@ -344,7 +345,7 @@ def _report_parser(p):
 def cmd_report(args) -> int:
     from fullscale.report import build_report
 
-    path = build_report(args.run_dir, out=args.out)
+    path = build_report(args.run_dir, out=args.out, log_loss=args.log_loss)
     print(f"wrote {path}")
     return EXIT_OK
 

@@ -97,6 +97,8 @@ class Config:
     save_total_limit: int = _key(3, "checkpoints kept; the best one is never rotated away")
     early_stopping_patience: int = _key(3, "stop after this many evaluations without improvement (0 disables)")
     early_stopping_min_delta: float = _key(0.001, "an eval loss must beat the best by more than this to count")
+    eval_samples: int = _key(2, "at each evaluation, greedy generations for this many fixed eval rows (their prompts as trained), printed, logged and in the report (0: none)")
+    eval_sample_tokens: int = _key(48, "at most this many new tokens per sample generation")
     eval_time_budget: float = _key(0.2, "warn when evaluation takes more than this share of the wall time")
     resume: str = _key("auto", "auto: continue from the newest valid checkpoint in output_dir; never: refuse to reuse a run directory; restart: move a previous run into output_dir/previous-<time>/ and start from step 0 (give it once, on the command line)", RESUME)
     force_resume: bool = _key(False, "resume even though the model, data or settings changed (the run is then no longer exact)")
@@ -497,6 +499,8 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     need(0 < c.health_rollback_lr_factor <= 1, "health_rollback_lr_factor", f"got {c.health_rollback_lr_factor}; must be in (0, 1]")
     need(c.health_max_rollbacks >= 0, "health_max_rollbacks", f"got {c.health_max_rollbacks}; must be >= 0")
     need(c.health_memory_growth > 0, "health_memory_growth", f"got {c.health_memory_growth}; must be > 0")
+    need(c.eval_samples >= 0, "eval_samples", f"got {c.eval_samples}; must be >= 0 (0: no sample generations)")
+    need(c.eval_sample_tokens >= 1, "eval_sample_tokens", f"got {c.eval_sample_tokens}; must be >= 1")
     need(0 < c.eval_time_budget <= 1, "eval_time_budget", f"got {c.eval_time_budget}; must be in (0, 1]")
     need(c.early_stopping_min_delta >= 0, "early_stopping_min_delta", f"got {c.early_stopping_min_delta}; must be >= 0")
     if c.max_steps <= 0:

@@ -109,6 +109,46 @@ def generate_reply(model, tokenizer, prompt: str | list[dict], *, max_new_tokens
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def continue_ids(model, tokenizer, ids: list[int], *, max_new_tokens: int) -> list[int]:
+    """The greedy continuation of token ids (an eval row's prompt exactly as it was tokenized for
+    training), up to an end-of-turn or eos token."""
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    stop = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop else 0)
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=stop or None, pad_token_id=pad, use_cache=True)
+    return out[0, len(ids):].tolist()
+
+
+def eval_samples(model, tokenizer, examples, *, count: int, max_new_tokens: int) -> list[dict]:
+    """Greedy generations for the first `count` eval examples that have a prompt: each example's
+    tokens before its first label are the prompt, its label tokens the expected reply."""
+    from fullscale.data import IGNORE_INDEX
+
+    was_training = model.training
+    model.eval()
+    samples = []
+    try:
+        for i in range(len(examples)):
+            if len(samples) == count:
+                break
+            ex = examples[i]
+            first = next((p for p, label in enumerate(ex["labels"]) if label != IGNORE_INDEX and p > 0), None)
+            if first is None:
+                continue
+            prompt, expected = ex["input_ids"][:first], [t for t in ex["labels"][first:] if t != IGNORE_INDEX]
+            out = continue_ids(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+            samples.append({"row": ex["row"], "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                            "output": tokenizer.decode(out, skip_special_tokens=True).strip(),
+                            "expected": tokenizer.decode(expected, skip_special_tokens=True).strip()})
+    finally:
+        if was_training:
+            model.train()
+    return samples
+
+
 def generate_from(path, prompts: list[str], *, base: str | None = None, max_new_tokens: int = 64,
                   device: str = "cpu", trust_remote_code: bool = False) -> tuple[list[str], str]:
     """(greedy replies to `prompts`, the prompt format used) from a model directory (merged, adapter

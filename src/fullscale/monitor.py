@@ -139,6 +139,11 @@ class Monitor:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.writer.add_scalar(f"{kind}/{k}", v, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """A text record for TensorBoard (sample generations)."""
+        if self.enabled and self.writer is not None:
+            self.writer.add_text(tag, text, step)
+
     # -- console
     def print(self, text: str) -> None:
         if not self.enabled:

@@ -101,9 +101,10 @@ def _label(ax, step: float, y: float, text: str, *, color: str, va: str) -> None
 class _Plotter:
     """Builds each plot as a matplotlib Figure (no pyplot: no global state, no GUI backend)."""
 
-    def __init__(self, records: list[dict[str, Any]], *, xmax: float | None):
+    def __init__(self, records: list[dict[str, Any]], *, xmax: float | None, log_loss: bool = False):
         self.records = records
         self.xmax = xmax
+        self.log_loss = log_loss
         self.resumes = [r for r in records if r.get("event") == "resume"]
         self.health = [r for r in records if r.get("event") == "health"]
 
@@ -187,12 +188,20 @@ class _Plotter:
                 label = f"best eval {best['best_eval_loss']:.4f} @ {best['best_step']}"
                 ax.plot([best["best_step"]], [best["best_eval_loss"]], marker="*", markersize=13, color="#2ca02c",
                         linestyle="none", clip_on=False, label=label)
+        if self.log_loss and drawn and all(y > 0 for line in ax.lines for y in line.get_ydata() if math.isfinite(y)):
+            ax.set_yscale("log")   # late-run gaps between train and eval show on a log axis
         return self.finish(fig, ax, has_data=drawn, empty_text="no train or eval loss logged yet")
 
-    def single(self, key: str, title: str, ylabel: str, color: str, *, log_when_wide: bool = False) -> str:
+    def single(self, key: str, title: str, ylabel: str, color: str, *, log_when_wide: bool = False,
+               smooth: int = 0) -> str:
         fig, ax = self.new(title, ylabel)
         xs, ys = _series(self.records, "train", key)
-        drawn = self.curve(ax, xs, ys, color=color, linewidth=1.4)
+        if smooth and len(ys) > smooth:   # each log as a faint line, the running mean of `smooth` logs on top
+            drawn = self.curve(ax, xs, ys, color=color, alpha=0.3, linewidth=0.8, label="each log")
+            self.curve(ax, xs, _running_mean(ys, smooth), color=color, linewidth=1.6,
+                       label=f"mean of {smooth} logs")
+        else:
+            drawn = self.curve(ax, xs, ys, color=color, linewidth=1.4)
         positive = [y for y in ys if math.isfinite(y) and y > 0]
         if log_when_wide and positive and len(positive) == len(ys) and max(positive) / min(positive) > 100:
             ax.set_yscale("log")
@@ -212,21 +221,34 @@ class _Plotter:
         return self.finish(fig, ax, has_data=drawn, empty_text="no memory logged yet")
 
 
-def build_plots(records: list[dict[str, Any]], *, xmax: float | None) -> list[tuple[str, str, str]]:
-    """(id, caption, data URI) of every plot."""
+def _running_mean(ys: list[float], window: int) -> list[float]:
+    """The mean of the last `window` finite values at each point (fewer at the start)."""
+    out, recent = [], []
+    for y in ys:
+        if math.isfinite(y):
+            recent = (recent + [y])[-window:]
+        out.append(sum(recent) / len(recent) if recent else math.nan)
+    return out
+
+
+def build_plots(records: list[dict[str, Any]], *, xmax: float | None,
+                log_loss: bool = False) -> list[tuple[str, str, str]]:
+    """(id, caption, data URI) of every plot; `log_loss`: the loss on a log axis."""
     import matplotlib
 
     with matplotlib.rc_context({"svg.hashsalt": "fullscale", "svg.fonttype": "path", "font.size": 9}):
-        p = _Plotter(records, xmax=xmax)
+        p = _Plotter(records, xmax=xmax, log_loss=log_loss)
+        scale = " (log scale)" if log_loss else ""
         return [
-            ("loss", "Train loss (each step and logged mean) and eval loss; the star is the best evaluation.",
+            ("loss", f"Train loss (each step and logged mean) and eval loss{scale}; the star is the best evaluation.",
              p.loss()),
             ("learning_rate", "Learning rate after each logged step.",
              p.single("learning_rate", "Learning rate", "learning rate", "#9467bd")),
             ("grad_norm", "Gradient norm before clipping (log scale when it spans more than 100x).",
              p.single("grad_norm", "Gradient norm", "grad norm", "#8c564b", log_when_wide=True)),
-            ("tokens_per_second", "Training throughput between logs (evaluation and saving excluded).",
-             p.single("tokens_per_second", "Throughput", "tokens/s", "#17becf")),
+            ("tokens_per_second", "Training throughput between logs (evaluation and saving excluded), with the "
+             "running mean of 10 logs.",
+             p.single("tokens_per_second", "Throughput", "tokens/s", "#17becf", smooth=10)),
             ("memory", "Memory of the main process.", p.memory()),
         ]
 
@@ -354,9 +376,39 @@ def _events_tables(s: dict[str, Any], records: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
-def _key_value_table(data: dict[str, Any], fmt: str = ".6g") -> str:
+def _key_value_table(data: dict[str, Any], fmt: str = ".4g") -> str:
     rows = [[f"<code>{_esc(k)}</code>", _esc(_fmt(v, fmt))] for k, v in data.items()]
     return _table(["key", "value"], rows)
+
+
+def _config_tables(config: dict[str, Any]) -> str:
+    """The keys the run set (values other than the defaults) first, the defaults folded below."""
+    from fullscale.config import FIELDS
+
+    def default(key):
+        f = FIELDS.get(key)
+        if f is None:
+            return object()
+        return f.default_factory() if callable(getattr(f, "default_factory", None)) else f.default
+
+    chosen = {k: v for k, v in config.items() if v != default(k)}
+    rest = {k: v for k, v in config.items() if k not in chosen}
+    return (f"<h3>Set for this run ({len(chosen)})</h3>" + _key_value_table(chosen)
+            + f"<details><summary>defaults ({len(rest)} keys)</summary>{_key_value_table(rest)}</details>")
+
+
+def _samples_table(records: list[dict[str, Any]]) -> str:
+    """The generations of the first and the latest evaluation that made some (eval_samples)."""
+    samples = [r for r in records if r.get("event") == "sample"]
+    if not samples:
+        return "<p>No sample generations (eval_samples: 0, or no evaluation yet).</p>"
+    steps = sorted({r["step"] for r in samples})
+    shown = [steps[0]] + ([steps[-1]] if steps[-1] != steps[0] else [])
+    rows = [[_esc(r["step"]), _esc(r.get("row")), _esc(r.get("prompt", "")[-200:]), _esc(r.get("output", "")),
+             _esc(r.get("expected", ""))] for r in samples if r["step"] in shown]
+    return (_table(["step", "eval row", "prompt", "model", "expected"], rows, numeric={0, 1})
+            + f'<p class="muted">Greedy, at the first and the latest evaluation of {len(steps)}; every one is in '
+              "metrics.jsonl (\"sample\" events) and TensorBoard (text).</p>")
 
 
 def _config(run_dir: Path) -> dict[str, Any] | None:
@@ -383,7 +435,7 @@ def render_html(run_dir: Path, *, status: dict[str, Any], records: list[dict[str
         result_html = _key_value_table({k: v for k, v in result.items() if k != "config"})
     else:
         result_html = "<p>No training_result.json yet: the run has not finished.</p>"
-    config_html = _key_value_table(config) if config else "<p>No config.yaml.</p>"
+    config_html = _config_tables(config) if config else "<p>No config.yaml.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -401,6 +453,8 @@ def render_html(run_dir: Path, *, status: dict[str, Any], records: list[dict[str
 <div class="plots">{figures}</div>
 <h2>Result</h2>
 {result_html}
+<h2>Sample generations</h2>
+{_samples_table(records)}
 <h2>Checkpoints</h2>
 {_checkpoint_table(run_dir, status)}
 <h2>Events</h2>
@@ -413,8 +467,10 @@ def render_html(run_dir: Path, *, status: dict[str, Any], records: list[dict[str
 """
 
 
-def build_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None) -> Path:
-    """Write the HTML report of `run_dir` (default RUN_DIR/report.html) atomically; returns its path."""
+def build_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                 log_loss: bool = False) -> Path:
+    """Write the HTML report of `run_dir` (default RUN_DIR/report.html) atomically; returns its path.
+    `log_loss`: the loss plot on a log axis."""
     run = check_run_dir(run_dir)
     status = collect_status(run)
     records = read_metrics(run)
@@ -423,7 +479,7 @@ def build_report(run_dir: str | os.PathLike, *, out: str | os.PathLike | None = 
     planned = status["total_steps"] if isinstance(status["total_steps"], int) else 0
     # Until a run has finished, its curves end where it is, on an axis that spans the planned steps.
     xmax = last if status["state"] == "finished" else max(last, planned)
-    plots = build_plots(records, xmax=xmax or None)
+    plots = build_plots(records, xmax=xmax or None, log_loss=log_loss)
     text = render_html(run, status=status, records=records, plots=plots)
     path = Path(out) if out else run / "report.html"
     check_report_path(path)

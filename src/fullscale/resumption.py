@@ -23,7 +23,7 @@ EXACTNESS_KEYS = (
     "max_steps", "bf16", "early_stopping_patience", "early_stopping_min_delta", "eval_steps",
 )
 # Changes that do not alter what is computed: accepted on resume and recorded.
-HARMLESS_KEYS = ("logging_steps", "max_invalid_share", "eval_time_budget", "memory_budget_gb", "memory_margin", "plan_check", "report_to", "save_steps", "save_total_limit", "output_dir", "resume",
+HARMLESS_KEYS = ("logging_steps", "eval_samples", "eval_sample_tokens", "max_invalid_share", "eval_time_budget", "memory_budget_gb", "memory_margin", "plan_check", "report_to", "save_steps", "save_total_limit", "output_dir", "resume",
                  "force_resume", "dataloader_num_workers", "per_device_eval_batch_size", "tf32",
                  "attn_implementation", "gradient_checkpointing", "trust_remote_code",
                  "model_name_or_path", "train_file", "eval_file", "per_device_train_batch_size")

@@ -317,8 +317,31 @@ class Run:
                  f"[{result.seconds:.1f}s]")
         if improved:
             self.save_best_model(step, result.eval_loss)
+        self.show_samples(step)
         self.write_status("running")   # `fullscale status` shows this evaluation at once, not at the next log
         return result
+
+    def show_samples(self, step: int) -> None:
+        """Greedy generations for a few fixed eval rows (eval_samples), on the main process: printed,
+        in metrics.jsonl ("sample" events) and TensorBoard (text). A sharded model is skipped (its
+        forward is a collective of every rank)."""
+        if not self.is_main or not self.config.eval_samples or self.sharded or self.deepspeed:
+            return
+        from fullscale.generate import eval_samples
+
+        t0 = time.perf_counter()
+        samples = eval_samples(self.accelerator.unwrap_model(self.model), self.tokenizer, self.data.eval,
+                               count=self.config.eval_samples, max_new_tokens=self.config.eval_sample_tokens)
+        self.eval_seconds += time.perf_counter() - t0   # not training throughput
+        table = ["| row | prompt | model | expected |", "|---|---|---|---|"]
+        for s in samples:
+            self.monitor.event("sample", step, **s)
+            self.say(f"  sample (eval row {s['row']}): {s['prompt'][-60:]!r} -> {s['output'][:80]!r} "
+                     f"(expected {s['expected'][:80]!r})")
+            table.append("| " + " | ".join([str(s["row"])] + [s[k].replace("|", "\\|").replace("\n", " ")
+                                                           for k in ("prompt", "output", "expected")]) + " |")
+        if samples:
+            self.monitor.text("samples", "\n".join(table), step)
 
     def save_best_model(self, step: int, eval_loss: float) -> None:
         """best_model/: adapter + tokenizer of the best eval loss, replaced atomically. Every rank

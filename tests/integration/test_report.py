@@ -303,3 +303,29 @@ def test_report_of_a_directory_that_is_not_a_run_is_one_clear_paragraph(tmp_path
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not a fullscale run directory" in err and "Traceback" not in err
+
+
+def test_samples_at_each_evaluation_reach_the_console_metrics_tensorboard_and_the_report(make_config, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(max_steps=6, eval_steps=3, save_steps=3, eval_samples=2, report_to="tensorboard")
+    capsys.readouterr()
+    train(config)
+    out = capsys.readouterr().out
+    run = Path(config.output_dir)
+    samples = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"sample"' in line]
+    # Evaluations at steps 0, 3 and 6; the same two fixed eval rows each time, prompts as trained.
+    assert [s["step"] for s in samples] == [0, 0, 3, 3, 6, 6]
+    assert len({s["row"] for s in samples}) == 2 and all(s["prompt"].startswith("rev ") for s in samples)
+    assert all(s["expected"] == s["prompt"][4:-1][::-1] for s in samples)   # the reverse task's answer
+    assert out.count("  sample (eval row ") == 6
+    events = EventAccumulator(str(run / "runs"), size_guidance={"tensors": 0}).Reload()
+    assert any(tag.startswith("samples") for tag in events.Tags()["tensors"])
+    capsys.readouterr()
+    assert main(["report", str(run), "--log-loss"]) == 0
+    html = (run / "report.html").read_text()
+    assert "<h2>Sample generations</h2>" in html and html.count("<td>rev ") == 4   # the first and last evaluation
+    assert "eval loss (log scale)" in html
+    chosen = html.index("<h3>Set for this run")
+    assert chosen < html.index("<code>max_steps</code>") < html.index("defaults (")
+    assert html.index("defaults (") < html.index("<code>weight_decay</code>")   # a default, folded below
