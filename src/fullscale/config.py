@@ -35,7 +35,7 @@ SCHEDULERS = (
 DATASET_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 AUTO_BOOL = ("auto", True, False)
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 INVALID_ROWS = ("skip", "error")
 RESUME = ("auto", "never", "restart")
 HEALTH_ACTIONS = ("warn", "skip", "rollback", "abort")
@@ -125,7 +125,7 @@ class Config:
     # --- output and monitoring ---
     output_dir: str | None = _key(None, "the run directory (default runs/<config name>, runs/demo for the demo)")
     logging_steps: int = _key(10, "log train metrics every this many steps")
-    report_to: list[str] | str = _key(["tensorboard"], "where metrics go besides metrics.jsonl: tensorboard or none")
+    report_to: list[str] | str = _key(["tensorboard"], "where metrics go besides metrics.jsonl: tensorboard, wandb, mlflow (a list for several), or none")
     dataloader_num_workers: str | int = _key("auto", "data loader worker processes; auto sizes to the cores, never more")
 
     # Keys the user set explicitly (YAML or override); used to tell a deliberate
@@ -363,6 +363,11 @@ def _coerce(key: str, value: Any) -> tuple[bool, Any, str]:
             if bad:
                 return False, None, f"unsupported {bad}; choose from {list(REPORT_TO)}"
             value = [v for v in value if v != "none"]
+            import importlib.util
+
+            missing = [v for v in value if v in ("wandb", "mlflow") and importlib.util.find_spec(v) is None]
+            if missing:
+                return False, None, f"{missing[0]} is not installed: pip install {missing[0]} (or leave it out)"
         return True, value, ""
     if key == "train_file" and isinstance(value, list):
         return _coerce_sources(value)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fullscale.trackers import scalars
 from fullscale.units import format_duration, format_number
 
 
@@ -88,8 +89,9 @@ class Monitor:
     """Fan-out of one event to metrics.jsonl, TensorBoard and the console."""
 
     def __init__(self, run_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int,
-                 stream=None, purge_step: int | None = None, files: bool = True):
+                 stream=None, purge_step: int | None = None, files: bool = True, trackers=None):
         self.enabled = enabled
+        self.trackers = trackers   # fullscale.trackers.Trackers (wandb, mlflow), or None
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
         self.is_tty = hasattr(self.stream, "isatty") and self.stream.isatty()
@@ -134,15 +136,19 @@ class Monitor:
             if is_disk_error(exc):
                 raise disk_error(self.run_dir, exc, what="metrics.jsonl") from None
             raise
+        tags = scalars(kind, values)
         if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.writer.add_scalar(f"{kind}/{k}", v, step)
+            for tag, v in tags.items():
+                self.writer.add_scalar(tag, v, step)
+        if self.trackers is not None and tags:
+            self.trackers.log(kind, step, values)
 
     def text(self, tag: str, text: str, step: int) -> None:
         """A text record for TensorBoard (sample generations)."""
         if self.enabled and self.writer is not None:
             self.writer.add_text(tag, text, step)
+        if self.enabled and self.trackers is not None:
+            self.trackers.text(tag, text, step)
 
     # -- console
     def print(self, text: str) -> None:
@@ -209,6 +215,9 @@ class Monitor:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -246,6 +246,24 @@ def prepare_run_dir(config: Config, manager: ckpt.CheckpointManager,
     return None
 
 
+def logged_after(run_dir: Path, step: int) -> set[tuple[str, int]]:
+    """The (event, step) pairs metrics.jsonl holds after `step`: what a resume from `step` redoes
+    and the trackers already have."""
+    out = set()
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec.get("step"), int) and rec["step"] > step:
+            out.add((rec.get("event"), rec["step"]))
+    return out
+
+
 def truncate_metrics(run_dir: Path, step: int, *, keep_events: tuple[str, ...] = (), eval_redone: bool = False) -> int:
     """Drop metrics.jsonl records written after `step` (they are about to be redone), and the
     evaluation at `step` itself when `eval_redone` (the checkpoint was saved before it).

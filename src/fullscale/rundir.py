@@ -36,8 +36,8 @@ LOCK = ".fullscale-lock"
 STALE_SECONDS = 600.0
 # Every name fullscale writes at the top of a run directory.
 OWN_FILES = ("config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "status.json", "training_result.json",
-             "report.html", "prompt_format.json")
-OWN_DIRS = ("runs", "best_model")
+             "report.html", "prompt_format.json", "trackers.json")
+OWN_DIRS = ("runs", "best_model", "wandb")
 _OWN_RE = re.compile(r"^(checkpoint-\d+(\.invalid-.*)?|\.staging-.*|\.trash-.*|status\.json\.tmp\d+|"
                      r"report\.html\.tmp\d+)$")
 PREVIOUS_PREFIX = "previous-"

@@ -43,6 +43,7 @@ from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_l
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
+from fullscale.trackers import TRACKERS, Trackers
 from fullscale.units import format_duration, format_number
 
 STOP_REASONS = ("max_steps", "epochs", "early_stopping", "preempted", "health_abort")
@@ -775,6 +776,7 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     # 4. Records: config.yaml, metrics.jsonl, TensorBoard (continuing after the resume step).
     resume_step = saved["train_state"]["step"] if saved else 0
     reached = resume_step
+    redone: set[tuple[str, int]] = set()   # (event, step) records the resume redoes (the trackers have them)
     if is_main:
         try:
             (run_dir / "config.yaml").write_text(config.to_yaml())
@@ -787,10 +789,20 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
             for stale in ("metrics.jsonl", "training_result.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         else:
+            redone = resuming.logged_after(run_dir, resume_step)
             reached = resuming.truncate_metrics(run_dir, resume_step,
                                                 eval_redone=bool(saved["train_state"].get("eval_pending")))
+    trackers: list[Trackers] = []   # on the main process; its failure to start stops every rank
+
+    def start_trackers() -> None:
+        if any(name in TRACKERS for name in config.report_to):
+            trackers.append(Trackers(run_dir, config.report_to, config=config.to_dict(),
+                                     resuming=resume_path is not None, skip=redone))
+
+    on_main(accelerator, start_trackers)
     monitor = Monitor(run_dir, enabled=is_main, tensorboard=config.uses_tensorboard and is_main,
-                      total_steps=total_steps, stream=stream, purge_step=resume_step + 1 if resume_path else None)
+                      total_steps=total_steps, stream=stream, purge_step=resume_step + 1 if resume_path else None,
+                      trackers=trackers[0] if trackers else None)
     run = Run(config=config, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
               scheduler=scheduler, data=data, stopper=stopper, state=TrainState(), monitor=monitor,
               manager=manager, preemption=preemption, fingerprints=fps, total_steps=total_steps,
