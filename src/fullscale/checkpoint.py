@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any, Callable
 
 from fullscale import faults
 from fullscale.errors import CheckpointError, DiskSpaceError
+from fullscale.fingerprint import sha256_file
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -45,14 +45,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dir_size(path: Path) -> int:

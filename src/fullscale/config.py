@@ -32,7 +32,8 @@ SCHEDULERS = (
     "cosine_with_min_lr",
     "warmup_stable_decay",
 )
-DATASET_FORMATS = ("auto", "text", "prompt_completion", "alpaca", "messages", "sharegpt")
+FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")   # the row formats (fullscale.data)
+DATASET_FORMATS = ("auto", *FORMATS)
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 AUTO_BOOL = ("auto", True, False)
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
@@ -146,10 +147,6 @@ class Config:
     def fingerprint(self, keys: typing.Iterable[str]) -> str:
         blob = json.dumps({k: getattr(self, k) for k in sorted(keys)}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    @property
-    def evaluation_enabled(self) -> bool:
-        return self.has_eval_data
 
     @property
     def has_eval_data(self) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
 
 from fullscale import faults
-from fullscale.loss import token_loss_sum
+from fullscale.loss import perplexity, token_loss_sum
 
 
 @dataclass
@@ -52,5 +51,5 @@ def evaluate(model, batches, *, accelerator, head=None) -> EvalResult:
         model.train()
     n = int(num_tokens.item())
     loss = float(loss_sum.item() / n) if n else float("nan")
-    ppl = math.exp(loss) if loss < 700 else float("inf")
+    ppl = perplexity(float(loss_sum.item()), n)
     return EvalResult(eval_loss=loss, eval_perplexity=ppl, num_tokens=n, seconds=time.perf_counter() - start)

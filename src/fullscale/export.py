@@ -38,8 +38,10 @@ import yaml
 from fullscale import checkpoint as ckpt
 from fullscale.checkpoint import first_line
 from fullscale.errors import CheckpointError, ModelError, UserError
-from fullscale.generate import read_prompt_format, write_prompt_format
-from fullscale.resumption import _TOKENIZER_FILES, model_matches, tokenizer_fingerprint
+from fullscale.fingerprint import TOKENIZER_FILES, model_matches, tokenizer_files_fingerprint, versions
+from fullscale.loss import perplexity
+from fullscale.model import load_tokenizer_from
+from fullscale.prompts import read_prompt_format, write_prompt_format
 
 log = logging.getLogger("fullscale")
 
@@ -77,7 +79,6 @@ FIXED_TEXTS = (
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # The files a tokenizer is saved as, chat template included: the ones the run fingerprinted,
 # copied byte for byte.
-TOKENIZER_FILES = _TOKENIZER_FILES
 CARD = "README.md"
 
 
@@ -281,10 +282,10 @@ def resolve_base(source: Source, override: str | None = None, *, allow_mismatch:
                 "this base is right (e.g. the full-precision original of a quantized base), add "
                 "--allow-base-mismatch")
         tok = source.fingerprints.get("tokenizer")
-        if tok and not source.has_tokenizer and tokenizer_fingerprint(base) != tok:
+        if tok and not source.has_tokenizer and tokenizer_files_fingerprint(base) != tok:
             raise ModelError(
                 f"the tokenizer files of {base} ({origin}) changed since the run (fingerprint "
-                f"{tokenizer_fingerprint(base)}, recorded {tok}), and {source.label} has no tokenizer of its own. "
+                f"{tokenizer_files_fingerprint(base)}, recorded {tok}), and {source.label} has no tokenizer of its own. "
                 "Restore them, export best_model/ (it keeps the run's tokenizer), or add --allow-base-mismatch")
     return base
 
@@ -604,7 +605,7 @@ def _write_tokenizer(staging: Path, source: Source) -> list[str]:
     notes = []
     base = Path(source.base)
     recorded = source.fingerprints.get("tokenizer")
-    if base.is_dir() and (not recorded or not source.has_tokenizer or tokenizer_fingerprint(str(base)) == recorded):
+    if base.is_dir() and (not recorded or not source.has_tokenizer or tokenizer_files_fingerprint(str(base)) == recorded):
         origin = base
     elif source.has_tokenizer:
         origin = source.adapter_dir
@@ -618,7 +619,7 @@ def _write_tokenizer(staging: Path, source: Source) -> list[str]:
             if (origin / name).is_file():
                 shutil.copyfile(origin / name, staging / name)
     else:
-        _load_tokenizer(source.base, trust_remote_code=source.trust_remote_code).save_pretrained(staging)
+        load_tokenizer_from(source.base, trust_remote_code=source.trust_remote_code).save_pretrained(staging)
     try:
         AutoTokenizer.from_pretrained(str(staging), trust_remote_code=source.trust_remote_code)
     except Exception as exc:  # noqa: BLE001
@@ -646,7 +647,7 @@ def _write_merged(staging: Path, source: Source, dtype: torch.dtype, *, device: 
     unmerged adapter model on held-out examples. Raises ExportError when they differ."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = _load_tokenizer(str(staging), trust_remote_code=source.trust_remote_code)
+    tokenizer = load_tokenizer_from(str(staging), trust_remote_code=source.trust_remote_code)
     batches, data = verification_batches(source, tokenizer)
     model = _load_adapter_model(source, dtype=dtype, device=device)
     say(f"computing reference logits of the adapter model ({DTYPE_NAMES[dtype]}, {device}) on {data}")
@@ -679,7 +680,7 @@ def _write_merged(staging: Path, source: Source, dtype: torch.dtype, *, device: 
         dtype=DTYPE_NAMES[dtype], data=data, num_examples=n_examples,
         num_tokens=sum(int(b["attention_mask"].sum()) for b in batches), max_abs_diff=max_diff,
         max_abs_logit=max_logit, tolerance=atol + rtol * max_logit,
-        adapter_perplexity=_perplexity(*adapter_loss), merged_perplexity=_perplexity(loss_sum, num_tokens))
+        adapter_perplexity=perplexity(*adapter_loss), merged_perplexity=perplexity(loss_sum, num_tokens))
     if not verification.passed:
         raise ExportError(
             f"merge verification failed: the merged model does not compute what the adapter model computes "
@@ -757,13 +758,6 @@ def _loss(logits, labels) -> tuple[float, int]:
     return float(total), int(count)
 
 
-def _perplexity(loss_sum: float, num_tokens: int) -> float:
-    if not num_tokens:
-        return float("nan")
-    loss = loss_sum / num_tokens
-    return math.exp(loss) if loss < 700 else float("inf")
-
-
 # ----------------------------------------------------------------------------- provenance and model card
 
 def provenance(result: ExportResult) -> dict[str, Any]:
@@ -782,7 +776,7 @@ def provenance(result: ExportResult) -> dict[str, Any]:
         "dtype": result.dtype,
         "verification": asdict(result.verification) if result.verification else None,
         "config": s.config,
-        "versions": _versions(),
+        "versions": versions(short_torch=True),
     }
 
 
@@ -897,31 +891,7 @@ def _num(x: float | None) -> str | None:
     return None if x is None else f"{x:.6g}"
 
 
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    import fullscale
-
-    return {"fullscale": fullscale.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "torch": torch.__version__.split("+")[0]}
-
-
 # ----------------------------------------------------------------------------- loading
-
-def _load_tokenizer(path: str, *, trust_remote_code: bool = False):
-    """A tokenizer with a pad token (the eos token when it has none), as in training."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot load the tokenizer from {path}: {first_line(exc)}. Check that the directory holds "
-                         "the tokenizer files saved with save_pretrained") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
 
 def _load_adapter_model(source: Source, *, dtype: torch.dtype, device: torch.device):
     """Base (in `dtype`) + the unmerged adapter, in eval mode on `device`."""
@@ -961,7 +931,7 @@ def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathL
     if _is_merged_dir(path):
         from transformers import AutoModelForCausalLM
 
-        tokenizer = _load_tokenizer(str(path), trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer_from(str(path), trust_remote_code=trust_remote_code)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype="auto" if dtype in ("auto", None) else _named_dtype(dtype),
@@ -983,7 +953,7 @@ def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathL
     source.trust_remote_code = trust_remote_code
     resolve_base(source, base_model_name)
     torch_dtype = resolve_dtype(dtype, source)
-    tokenizer = _load_tokenizer(str(source.adapter_dir) if source.has_tokenizer else source.base,
+    tokenizer = load_tokenizer_from(str(source.adapter_dir) if source.has_tokenizer else source.base,
                                 trust_remote_code=source.trust_remote_code)
     model = _load_adapter_model(source, dtype=torch_dtype, device=target)
     if merge_adapter:

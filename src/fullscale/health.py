@@ -26,7 +26,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIONS = ("warn", "skip", "rollback", "abort")
 MIN_HISTORY = 10          # steps of history before spike/grad rules apply
 RECENT = 10               # steps whose median is the loss level a spike is measured against
 LR_COLLAPSE_FRACTION = 0.01

@@ -9,6 +9,7 @@ are prompt; this saves their lm_head matmul, their share of the fp32 loss, and t
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -74,3 +75,12 @@ class LabelledHead:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+
+def perplexity(loss_sum: float, num_tokens: int) -> float:
+    """exp(mean loss) of a summed loss over `num_tokens` label tokens (nan without tokens, inf past
+    the float range)."""
+    if not num_tokens:
+        return float("nan")
+    loss = loss_sum / num_tokens
+    return math.exp(loss) if loss < 700 else float("inf")

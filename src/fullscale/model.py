@@ -92,11 +92,16 @@ def resolve_model_path(config: Config) -> str:
 
 def load_tokenizer(config: Config):
     """The base model's tokenizer, with a pad token (the eos token when it has none)."""
+    return load_tokenizer_from(resolve_model_path(config), trust_remote_code=config.trust_remote_code)
+
+
+def load_tokenizer_from(path: str, *, trust_remote_code: bool = False):
+    """The tokenizer in `path` (a model, an adapter export, a hub id) with a pad token, as in training:
+    the eos token when it has none; one with neither is refused."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(config)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - many failure types; all mean "cannot load"
         raise ModelError(_load_error("tokenizer", path, exc)) from None
     if tokenizer.pad_token_id is None:

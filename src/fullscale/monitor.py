@@ -20,7 +20,8 @@ from fullscale.units import format_duration, format_number
 
 # ----------------------------------------------------------------------------- memory
 
-def _proc_status_kb(field: str) -> int | None:
+def process_status_kb(field: str) -> int | None:
+    """A field of /proc/self/status in kB (VmRSS: resident now, VmHWM: its peak); None without /proc."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -45,18 +46,14 @@ def memory_stats(device: torch.device) -> dict[str, float]:
             "free_gb": (total - reserved) / gb,
             "total_gb": total / gb,
         }
-    rss = _proc_status_kb("VmRSS")
-    peak = _proc_status_kb("VmHWM")
+    rss = process_status_kb("VmRSS")
+    peak = process_status_kb("VmHWM")
     if rss is None:
         import resource
 
         peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return {"rss_gb": float("nan"), "peak_gb": peak_kb / 1024**2}
     return {"rss_gb": rss / 1024**2, "peak_gb": (peak or rss) / 1024**2}
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    return memory_stats(device)["peak_gb"]
 
 
 def format_memory(stats: dict[str, float]) -> str:

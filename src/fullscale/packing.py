@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE_INDEX = -100  # the label value the loss ignores (as in fullscale.data and fullscale.loss)
+from fullscale.loss import IGNORE_INDEX
 
 
 @dataclass

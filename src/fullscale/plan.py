@@ -45,6 +45,7 @@ import torch
 
 from fullscale.config import Config
 from fullscale.errors import ConfigError, ModelError
+from fullscale.monitor import process_status_kb
 
 GB = 1024**3   # "GB" in fullscale is 2^30 bytes, as in the memory statistics of monitor.py
 MB = 1024**2
@@ -553,19 +554,10 @@ def device_memory(config: Config, device: torch.device, *, num_processes: int) -
 
 
 def _mem_available() -> int:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:  # no /proc (macOS): psutil when it is installed
-        import psutil
+    """The RAM available without swapping (Linux MemAvailable), through psutil."""
+    import psutil
 
-        return psutil.virtual_memory().available
-    except ImportError:
-        raise ConfigError("cannot tell the available RAM on this system; set memory_budget_gb") from None
+    return psutil.virtual_memory().available
 
 
 def _choices(config: Config, device: torch.device):
@@ -981,7 +973,7 @@ def probe(config: Config, plan: Plan, *, device: torch.device | str, num_steps: 
         optimizer.zero_grad(set_to_none=True)
         sync()
         _reset_peak(device)
-        resident = _resident_bytes() if device.type == "cpu" else 0
+        resident = (process_status_kb("VmRSS") or 0) * 1024 if device.type == "cpu" else 0
         start = time.perf_counter()
         for _ in range(num_steps):
             micro_step()
@@ -1016,21 +1008,10 @@ def probe(config: Config, plan: Plan, *, device: torch.device | str, num_steps: 
                   eval_batches=eval_batches, total_seconds=steps * step + evals * eval_batches * eval_seconds)
 
 
-def _resident_bytes(field_name: str = "VmRSS") -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return _resident_bytes("VmHWM")
+    return (process_status_kb("VmHWM") or 0) * 1024
 
 
 def _reset_peak(device: torch.device) -> None:

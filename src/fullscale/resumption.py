@@ -3,7 +3,6 @@ model, tokenizer and data, the compatibility check, and continuity of the record
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any, Callable
 from fullscale import checkpoint as ckpt
 from fullscale.config import Config
 from fullscale.errors import ConfigError
+from fullscale.fingerprint import (FINGERPRINT_VERSION, data_fingerprint, legacy_data_fingerprint,
+                                   legacy_hash_files, model_files, model_fingerprint, tokenizer_files_fingerprint)
 
 # Settings whose change makes a resumed run a different run. The model, tokenizer and data are
 # compared by content (fingerprints), not by path; the batch by what each step sees.
@@ -28,138 +29,11 @@ HARMLESS_KEYS = ("logging_steps", "eval_samples", "eval_sample_tokens", "max_inv
                  "attn_implementation", "gradient_checkpointing", "trust_remote_code",
                  "model_name_or_path", "train_file", "eval_file", "per_device_train_batch_size")
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json")
-
-
-FINGERPRINT_VERSION = 2   # 2: every byte of the weights, data by contents only (1: head and tail, names)
-
-
-def _legacy_hash_files(files: list[Path], root: Path) -> str:
-    """Version 1 (runs made before FINGERPRINT_VERSION 2): names, sizes, and for files over
-    4 MiB the first and last MiB. Kept to recognise those runs' fingerprints on resume and export."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        size = f.stat().st_size
-        h.update(f"{f.relative_to(root)}:{size}\n".encode())
-        with open(f, "rb") as fh:
-            if size <= 4 << 20:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-            else:
-                h.update(fh.read(1 << 20))
-                fh.seek(size - (1 << 20))
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]
-
-
-def _hash_cache_dir() -> Path | None:
-    from fullscale.data import cache_dir
-
-    tokenized = cache_dir()
-    return tokenized.parent / "hashes" if tokenized is not None else None
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of every byte of `path`, cached by device, inode, size and mtime: a 16 GB model is read
-    once, and a file edited in place (new mtime or size) is read again."""
-    st = path.stat()
-    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    cache = _hash_cache_dir()
-    entry = cache / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json") if cache else None
-    if entry is not None:
-        try:
-            cached = json.loads(entry.read_text())
-            if cached.get("key") == key:
-                return cached["sha256"]
-        except (OSError, ValueError, KeyError, AttributeError):
-            pass
-    digest = ckpt.sha256_file(path)
-    if entry is not None:
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f"{entry.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"key": key, "sha256": digest, "path": str(path.resolve())}))
-            os.replace(tmp, entry)
-        except OSError:
-            pass   # an unwritable cache only costs the next read
-    return digest
-
-
-def _hash_files(files: list[Path], root: Path | None) -> str:
-    """Names relative to `root` (None: contents only) and every byte of each file."""
-    h = hashlib.sha256()
-    for f in sorted(files):
-        name = str(f.relative_to(root)) if root is not None else ""
-        h.update(f"{name}:{f.stat().st_size}:{file_sha256(f)}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def _model_files(p: Path) -> list[Path]:
-    return [f for f in p.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)]
-
-
-def model_fingerprint(path: str) -> str:
-    """Base model identity: config.json and every byte of the weight files."""
-    p = Path(path)
-    if not p.is_dir():
-        return f"hub:{path}"
-    return _hash_files(_model_files(p), p)
-
-
-def model_matches(path: str, recorded: str) -> tuple[bool, str]:
-    """(whether the base at `path` is the one fingerprinted as `recorded`, its fingerprint now);
-    fingerprints of runs made before version 2 are recognised."""
-    found = model_fingerprint(path)
-    if found == recorded or found.startswith("hub:"):
-        return found == recorded, found
-    p = Path(path)
-    return _legacy_hash_files(_model_files(p), p) == recorded, found
-
-
-def tokenizer_fingerprint(path: str) -> str:
-    p = Path(path)
-    if not p.is_dir():
-        return f"hub:{path}"
-    return _legacy_hash_files([p / n for n in _TOKENIZER_FILES if (p / n).is_file()], p)
-
-
-def _data_files(path: str) -> tuple[list[Path], Path]:
-    p = Path(path)
-    return ([f for f in p.rglob("*") if f.is_file()], p) if p.is_dir() else ([p], p.parent)
-
-
-def data_fingerprint(path: str | list | None) -> str | None:
-    """Dataset contents (every byte; not the file's name or place): a changed row makes a different
-    run, the same rows under another name do not. A mix of sources: each source's contents with its
-    weight and own settings, in order."""
-    if not path:
-        return None
-    if isinstance(path, list):
-        parts = [{**{k: v for k, v in source.items() if k != "path"}, "data": data_fingerprint(source["path"])}
-                 for source in path]
-        return "mix:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
-    if not Path(path).exists():
-        return f"hub:{path}"   # a hub dataset: the token store's key holds datasets' fingerprint of it
-    files, root = _data_files(path)
-    return _hash_files(files, root if Path(path).is_dir() else None)
-
-
-def _legacy_data_fingerprint(path: str | list | None) -> str | None:
-    if not path or isinstance(path, list):   # mixes came after version 1
-        return data_fingerprint(path)
-    if not Path(path).exists():
-        return f"hub:{path}"
-    files, root = _data_files(path)
-    return _legacy_hash_files(files, root)
-
-
 def fingerprints(config: Config, *, model_path: str, train_file: str, num_processes: int) -> dict[str, Any]:
     return {
         "version": FINGERPRINT_VERSION,
         "model": model_fingerprint(model_path),
-        "tokenizer": tokenizer_fingerprint(model_path),
+        "tokenizer": tokenizer_files_fingerprint(model_path),
         "train_data": data_fingerprint(train_file),
         "eval_data": data_fingerprint(config.eval_file),
         # What one step sees: examples per micro-step across all processes, and the window.
@@ -171,9 +45,9 @@ def fingerprints(config: Config, *, model_path: str, train_file: str, num_proces
 def legacy_fingerprints(config: Config, *, model_path: str, train_file: str) -> dict[str, Any]:
     """The version-1 fingerprints of the same files, to compare with a run made before version 2."""
     p = Path(model_path)
-    return {"model": _legacy_hash_files(_model_files(p), p) if p.is_dir() else f"hub:{model_path}",
-            "train_data": _legacy_data_fingerprint(train_file),
-            "eval_data": _legacy_data_fingerprint(config.eval_file)}
+    return {"model": legacy_hash_files(model_files(p), p) if p.is_dir() else f"hub:{model_path}",
+            "train_data": legacy_data_fingerprint(train_file),
+            "eval_data": legacy_data_fingerprint(config.eval_file)}
 
 
 def compare(config: Config, saved_config: dict[str, Any], saved_fp: dict[str, Any],

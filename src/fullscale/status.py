@@ -119,38 +119,23 @@ def checkpoint_summary(run_dir: Path) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- is it alive?
 
-def _process_start_time(pid: int) -> float | None:
-    """Unix time at which process `pid` started (Linux /proc), or None where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()   # the command name in (...) may hold spaces
-    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat: start time in ticks
-
-
 def process_alive(pid: int, *, updated: float | None) -> bool:
-    """True when `pid` runs on this host and is the process that wrote a status at `updated`."""
+    """True when `pid` runs on this host and is the process that wrote a status at `updated`: not
+    gone, not a zombie (exited, not yet reaped), not a newer process that reuses the pid."""
+    import psutil
+
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        start = process.create_time()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-        if state[state.rindex(")") + 2:].startswith("Z"):
-            return False  # exited, not yet reaped by its parent
-    except (OSError, ValueError):
-        pass
-    start = _process_start_time(pid)
-    if start is not None and updated is not None and start > updated + 2.0:
-        return False  # the pid was reused by a process that started after the status was written
-    return True
+    except psutil.Error:   # exists, but not ours to inspect
+        return True
+    return not (updated is not None and start > updated + 2.0)
 
 
 def stale_after(records: list[dict[str, Any]]) -> float:

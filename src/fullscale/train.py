@@ -37,16 +37,16 @@ from fullscale.early_stop import EarlyStopping
 from fullscale.errors import ConfigError, DiskSpaceError, UserError
 from fullscale.data.prepare import run_alpaca_templates
 from fullscale.evaluate import EvalResult, evaluate
-from fullscale.generate import prompt_format, write_prompt_format
+from fullscale.fingerprint import versions
 from fullscale.health import HealthEvent, HealthMonitor
 from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_loss_sum
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
+from fullscale.prompts import prompt_format, write_prompt_format
 from fullscale.trackers import TRACKERS, Trackers
 from fullscale.units import format_duration, format_number
 
-STOP_REASONS = ("max_steps", "epochs", "early_stopping", "preempted", "health_abort")
 
 
 @dataclass
@@ -488,7 +488,7 @@ class Run:
             t0 = time.perf_counter()
             try:
                 path = self.manager.save(step, write, manifest={"config_fingerprint": self.fingerprints["config"],
-                                                                "versions": _versions()},
+                                                                "versions": versions()},
                                          estimate=3 * self.adapter_bytes() + (1 << 16))
                 removed = self.manager.rotate(best_step=self.stopper.best_step)
                 self.monitor.event("checkpoint", step, path=path.name, size_bytes=ckpt.dir_size(path),
@@ -1134,14 +1134,3 @@ def _demo_train_file() -> str:
     from fullscale.demo import DEMO_TRAIN
 
     return str(DEMO_TRAIN)
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import peft
-    import transformers
-
-    import fullscale
-
-    return {"fullscale": fullscale.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__}

@@ -48,7 +48,7 @@ def generate(run_or_model, prompt, capsys) -> tuple[str, str]:
 
 def test_a_prompt_completion_run_answers_through_its_own_prompt_format(tmp_path, tiny_model_dir, reverse_data,
                                                                       capsys):
-    from fullscale.generate import encode_prompt, read_prompt_format
+    from fullscale.prompts import encode_prompt, read_prompt_format
     from fullscale.model import load_tokenizer
 
     run = train_run(tmp_path, tiny_model_dir, reverse_data)

@@ -553,7 +553,7 @@ def test_a_base_with_missing_tensors_is_refused_with_their_names(tmp_path, tiny_
 
 
 def test_the_model_fingerprint_covers_every_byte_and_is_hashed_once(tmp_path, monkeypatch):
-    from fullscale import checkpoint, resumption
+    from fullscale import fingerprint, resumption
 
     model = tmp_path / "m"
     model.mkdir()
@@ -562,8 +562,8 @@ def test_the_model_fingerprint_covers_every_byte_and_is_hashed_once(tmp_path, mo
     (model / "model.safetensors").write_bytes(blob)
     first = resumption.model_fingerprint(str(model))
     calls = []
-    real = checkpoint.sha256_file
-    monkeypatch.setattr(checkpoint, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
+    real = fingerprint.sha256_file
+    monkeypatch.setattr(fingerprint, "sha256_file", lambda p, *a: calls.append(p) or real(p, *a))
     assert resumption.model_fingerprint(str(model)) == first and calls == []   # cached by size+mtime+inode
     with open(model / "model.safetensors", "r+b") as fh:   # edited in place, in the middle
         fh.seek(6 << 20)

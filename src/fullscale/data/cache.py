@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 from fullscale.config import is_hub_name
 from fullscale.data.readers import dataset_fingerprint
 from fullscale.data.records import DataStats, PreparedData
+from fullscale.fingerprint import cache_root, digest_path, tokenizer_fingerprint
 
 # --------------------------------------------------------------------------------------
 # Tokenization cache
@@ -36,48 +36,8 @@ def cache_dir() -> Path | None:
     """Where tokenized data is cached: $FULLSCALE_CACHE/tokenized, else
     $XDG_CACHE_HOME/fullscale/tokenized (~/.cache/fullscale/tokenized). None when
     FULLSCALE_CACHE is off (or 0, false, none): caching disabled."""
-    root = os.environ.get("FULLSCALE_CACHE", "").strip()
-    if root.lower() in ("off", "0", "false", "none", "no"):
-        return None
-    if root:
-        return Path(root).expanduser() / "tokenized"
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fullscale" / "tokenized"
-
-
-def _digest_path(path, h) -> None:
-    """Every byte of a data file, or of every file of a save_to_disk directory (with their names)."""
-    p = Path(path)
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    from fullscale.resumption import file_sha256   # cached by inode, size and mtime: a large file is read once
-
-    for f in files:
-        h.update(f"{f.relative_to(p) if p.is_dir() else ''}:{f.stat().st_size}:{file_sha256(f)}\n".encode())
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """What decides the tokens: the fast tokenizer's full definition (vocabulary, merges,
-    normalizer, pre- and post-processing) or a slow one's vocabulary and files, its special
-    tokens and chat template."""
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
-    else:
-        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-        for name in getattr(tokenizer, "vocab_files_names", {}):
-            file = getattr(tokenizer, name, None)
-            if isinstance(file, str) and os.path.isfile(file):
-                _digest_path(file, h)
-    settings = {
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "special_tokens": getattr(tokenizer, "special_tokens_map", None),
-        "ids": [getattr(tokenizer, f"{t}_token_id", None) for t in ("bos", "eos", "pad", "unk")],
-        "add_bos_token": getattr(tokenizer, "add_bos_token", None),
-        "add_eos_token": getattr(tokenizer, "add_eos_token", None),
-        "added_tokens": sorted((k, v) for k, v in tokenizer.get_added_vocab().items()),
-    }
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+    root = cache_root()
+    return root / "tokenized" if root is not None else None
 
 
 def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, max_seq_length: int, seed: int,
@@ -101,12 +61,12 @@ def cache_key(*, train_file, eval_file, eval_split: float, dataset_format: str, 
     # The contents, not the path: a moved or copied file hits, an edited one misses. (The file
     # names are in the key because messages and errors quote them.)
     if Path(train_file).exists() or not is_hub_name(str(train_file)):
-        _digest_path(train_file, h)   # (a missing file raises OSError: prepare_data then says which)
+        digest_path(train_file, h)   # (a missing file raises OSError: prepare_data then says which)
     else:   # a hub dataset: datasets' fingerprint of its cached files, and which part of it
         h.update(dataset_fingerprint(str(train_file), dataset_config, dataset_split).encode())
     h.update(b"\0eval\0")
     if eval_file is not None:
-        _digest_path(eval_file, h)
+        digest_path(eval_file, h)
     return h.hexdigest()[:32]
 
 
@@ -123,7 +83,7 @@ def _return_freed_memory() -> None:
 
 
 def _save_cached(path: Path, key: str, data: PreparedData, *, files: dict[str, str | None]) -> None:
-    from fullscale.data import store as tokenstore
+    from fullscale.data import store as tokenstore  # noqa: the submodule
 
     meta = {"version": CACHE_VERSION, "key": key, "format": data.format, "has_eval": data.eval is not None,
             "train_stats": asdict(data.train_stats),
@@ -135,7 +95,7 @@ def _save_cached(path: Path, key: str, data: PreparedData, *, files: dict[str, s
 def _load_cached(path: Path, key: str, *, files: dict[str, str | None]) -> PreparedData:
     """The cached result, memory-mapped (fullscale.data.store); its messages name this call's files
     (the same contents may have been cached from another directory)."""
-    from fullscale.data import store as tokenstore
+    from fullscale.data import store as tokenstore  # noqa: the submodule
 
     meta, splits = tokenstore.open_splits(path)
     if meta.get("version") != CACHE_VERSION or meta.get("key") != key:

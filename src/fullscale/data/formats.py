@@ -9,11 +9,11 @@ import math
 from collections import Counter
 from typing import Any
 
+from fullscale.config import FORMATS  # noqa: F401 (re-exported: one home, the config's choices)
 from fullscale.data.readers import _json_type
 from fullscale.data.records import _Source
 from fullscale.errors import DataError
 
-FORMATS = ("text", "prompt_completion", "alpaca", "messages", "sharegpt")
 CHAT_FORMATS = ("messages", "sharegpt")  # rendered with the tokenizer's chat template
 
 # The columns each format needs. Detection tries the most specific format first, so a file

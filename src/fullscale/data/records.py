@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-
-
-INVALID_ROWS = ("skip", "error")
-IGNORE_INDEX = -100  # label value that the loss ignores (torch cross_entropy's default)
+from fullscale.config import INVALID_ROWS  # noqa: F401 (re-exported: one home, the config's choices)
+from fullscale.loss import IGNORE_INDEX  # noqa: F401 (re-exported: one home, the loss)
 
 
 @dataclass
