@@ -34,12 +34,14 @@ from fullscale import sharding, zero
 from fullscale.config import Config, effective_early_stopping
 from fullscale.data.store import example_lengths
 from fullscale.early_stop import EarlyStopping
+from fullscale.engine import build_engine
 from fullscale.errors import ConfigError, DiskSpaceError, UserError
 from fullscale.data.prepare import run_alpaca_templates
 from fullscale.evaluate import EvalResult, evaluate
 from fullscale.fingerprint import versions
 from fullscale.health import HealthEvent, HealthMonitor
-from fullscale.loss import IGNORE_INDEX, LabelledHead, num_label_tokens, token_loss_sum
+from fullscale.loop import fit
+from fullscale.loss import IGNORE_INDEX, LabelledHead
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
 from fullscale.monitor import Monitor, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
@@ -145,35 +147,6 @@ def build_scheduler(optimizer, config: Config, total_steps: int):
                          num_training_steps=total_steps)
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors the model takes. A packed batch has position_ids and no attention_mask: with
-    sdpa, transformers then builds a block-diagonal mask, so packed examples do not see each other."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
-
-
-def num_real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding tokens of a collated batch (host-side count, no device sync)."""
-    mask = batch.get("real_mask", batch.get("attention_mask"))
-    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
-def build_loader(examples: list[dict], index_batches: list[list[int]], *, pad_token_id: int, num_workers: int,
-                 pin_memory: bool, packed: bool = False):
-    """This rank's micro-batches, in the given order. A private generator keeps the DataLoader
-    from drawing its seed from the global torch RNG (which would shift dropout after a resume)."""
-    from torch.utils.data import DataLoader
-
-    from fullscale import data as data_module
-
-    collate = data_module.collate_packed if packed else data_module.collate
-    return DataLoader(examples, batch_sampler=index_batches, num_workers=num_workers,
-                      collate_fn=lambda ex: collate(ex, pad_token_id=pad_token_id), pin_memory=pin_memory,
-                      generator=torch.Generator().manual_seed(0))
-
-
 def eval_batches(examples: list[dict], *, batch_size: int, rank: int, num_processes: int, pad_token_id: int,
                  even: bool = False):
     """Evaluation batches for this rank: longest first (little padding), round-robin over ranks.
@@ -253,8 +226,7 @@ class Run:
     head: LabelledHead                 # logits only at labelled positions (see fullscale.loss)
     eval_seconds: float = 0.0
     fit_seconds: float = 0.0
-    sharded: bool = False              # FSDP: parameters and optimizer states are sharded (fullscale.sharding)
-    deepspeed: bool = False            # model is a DeepSpeed engine, optimizer its ZeRO optimizer (fullscale.zero)
+    engine: Any = None                 # DDP, FSDP2 or ZeRO: the distributed part of a step (fullscale.engine)
     run_lock: Any = None               # the main process's lock on run_dir (fullscale.rundir.RunLock)
     epoch_done: float | None = None    # fractional epochs done at the last log (status.json)
     logged_loss: float | None = None   # the mean train loss of the last log, as the console shows it
@@ -302,7 +274,7 @@ class Run:
         acc = self.accelerator
         batches = eval_batches(self.data.eval, batch_size=self.config.per_device_eval_batch_size,
                                rank=acc.process_index, num_processes=acc.num_processes,
-                               pad_token_id=self.tokenizer.pad_token_id, even=self.sharded or self.deepspeed)
+                               pad_token_id=self.tokenizer.pad_token_id, even=self.engine.partitioned)
         # The unwrapped model: DDP's forward syncs buffers across ranks, and ranks may hold
         # different numbers of eval batches.
         result = evaluate(acc.unwrap_model(self.model), batches, accelerator=acc, head=self.head)
@@ -326,7 +298,7 @@ class Run:
         """Greedy generations for a few fixed eval rows (eval_samples), on the main process: printed,
         in metrics.jsonl ("sample" events) and TensorBoard (text). A sharded model is skipped (its
         forward is a collective of every rank)."""
-        if not self.is_main or not self.config.eval_samples or self.sharded or self.deepspeed:
+        if not self.is_main or not self.config.eval_samples or self.engine.partitioned:
             return
         from fullscale.generate import eval_samples
 
@@ -347,7 +319,7 @@ class Run:
     def save_best_model(self, step: int, eval_loss: float) -> None:
         """best_model/: adapter + tokenizer of the best eval loss, replaced atomically. Every rank
         calls it (under FSDP or DeepSpeed the adapter is gathered); rank 0 writes."""
-        adapter = self.gathered_adapter()
+        adapter = self.engine.gathered_adapter()
         failure: Exception | None = None
 
         def write(d: Path) -> None:
@@ -384,67 +356,6 @@ class Run:
         unwrapped = self.accelerator.unwrap_model(self.model)
         return sum(p.numel() * 4 for p in unwrapped.parameters() if p.requires_grad)
 
-    def gathered_adapter(self) -> dict[str, torch.Tensor] | None:
-        """The full adapter from its shards or partitions (a collective), or None where the model
-        holds it whole."""
-        if self.sharded:
-            return sharding.trainable_state(self.model)
-        if self.deepspeed:
-            return zero.trainable_state(self.model)
-        return None
-
-    def gathered_optimizer_state(self) -> dict[str, Any]:
-        """The optimizer state in torch's format, full tensors (gathered: a collective)."""
-        if self.sharded:
-            return sharding.optimizer_state(self.optimizer)
-        if self.deepspeed:
-            return zero.optimizer_state(self.model, self.optimizer)
-        return self.optimizer.state_dict()
-
-    # -- the engine's part of a step: DDP (accelerate), FSDP (fullscale.sharding) or DeepSpeed (fullscale.zero)
-    def accumulating(self, last: bool):
-        """The context of one micro-batch's forward/backward: gradients are reduced across ranks only
-        on the window's last micro-batch."""
-        if self.deepspeed:
-            self.model.set_gradient_accumulation_boundary(last)   # DeepSpeed reduces into its partitions
-            return contextlib.nullcontext()
-        if last:
-            return contextlib.nullcontext()
-        return sharding.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        if self.deepspeed:
-            self.model.backward(loss, scale_wrt_gas=False)   # fullscale normalises by the window's tokens
-        else:
-            self.accelerator.backward(loss)
-
-    def clip_grad_norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """The window's global gradient norm before clipping; clipped to max_grad_norm (DeepSpeed
-        clips inside its step)."""
-        max_norm = self.config.max_grad_norm
-        if self.deepspeed:
-            return zero.grad_norm(self.model)
-        if self.sharded:
-            return sharding.clip_grad_norm(params, max_norm)
-        if max_norm > 0:
-            return self.accelerator.clip_grad_norm_(params, max_norm)
-        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-
-    def apply_update(self) -> None:
-        """The optimizer step, and the gradients cleared for the next window."""
-        if self.deepspeed:
-            self.model.step()
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def discard_update(self) -> None:
-        """Drop the window's gradients: the update is not applied."""
-        if self.deepspeed:
-            zero.discard_update(self.model, self.optimizer)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-
     def save_adapter(self, directory: Path, adapter: dict[str, torch.Tensor] | None) -> None:
         """adapter_model.safetensors + adapter_config.json, as peft writes them (from the gathered
         full tensors under FSDP or DeepSpeed)."""
@@ -465,8 +376,8 @@ class Run:
         self.state.pending_losses, self.state.pending_tokens = list(pending), self.reduce_tokens(pending_tokens)
         self.state.pending_eval_losses = list(eval_losses or [])
         # Under FSDP or DeepSpeed, gather the adapter and the optimizer states on every rank (collectives).
-        adapter = self.gathered_adapter()
-        optimizer_state = self.gathered_optimizer_state()
+        adapter = self.engine.gathered_adapter()
+        optimizer_state = self.engine.gathered_optimizer_state()
         self.state.train_seconds, self._time_base = self.elapsed(), time.perf_counter()
         failure: Exception | None = None
         if self.is_main:
@@ -506,22 +417,11 @@ class Run:
 
     def restore(self, path: Path, saved: dict[str, Any]) -> None:
         """Adapter, optimizer, scheduler, this rank's RNG, position, early stopping."""
-        import peft
         import safetensors.torch
 
-        unwrapped = self.accelerator.unwrap_model(self.model)
         weights = safetensors.torch.load_file(str(path / "adapter_model.safetensors"))
         optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        if self.sharded or self.deepspeed:   # full tensors by parameter name; each rank keeps its part
-            full = {n: weights[sharding.adapter_key(n)] for n, p in unwrapped.named_parameters() if p.requires_grad}
-            if self.sharded:
-                sharding.load_trainable_state(unwrapped, full)
-                sharding.load_optimizer_state(self.optimizer, optimizer_state)
-            else:
-                zero.load_state(self.model, self.optimizer, full, optimizer_state)
-        else:
-            peft.set_peft_model_state_dict(unwrapped, weights)
-            self.optimizer.load_state_dict(optimizer_state)
+        self.engine.load(self.accelerator.unwrap_model(self.model), weights, optimizer_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         saved_lr = (saved.get("config") or {}).get("learning_rate")
         if saved_lr and saved_lr != self.config.learning_rate:
@@ -809,8 +709,9 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
               health=HealthMonitor(config, total_steps=total_steps,
                                    warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
               run_dir=run_dir, num_workers=resolve_num_workers(config, device, world),
-              head=LabelledHead(accelerator.unwrap_model(model)), sharded=fsdp is not None,
-              deepspeed=deepspeed is not None, run_lock=lock[0] if lock else None)
+              head=LabelledHead(accelerator.unwrap_model(model)), run_lock=lock[0] if lock else None,
+              engine=build_engine(accelerator, model, optimizer, fsdp=fsdp, deepspeed=deepspeed,
+                                  max_grad_norm=config.max_grad_norm))
 
     # 5. Resume: adapter, optimizer, scheduler, RNG, data position, early stopping.
     if resume_path is not None:
@@ -861,221 +762,6 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     result = finish(run, stop_reason)
     result["_model"], result["_tokenizer"], result["_data"] = model, tokenizer, data
     return result
-
-
-def fit(run: Run) -> str:
-    """The training loop; returns the stop reason. Reads top to bottom:
-    batch -> forward/backward (accumulate) -> health check -> clip -> optimizer -> scheduler ->
-    log -> eval -> checkpoint -> stop."""
-    config, acc, state, model = run.config, run.accelerator, run.state, run.model
-    device, world, rank = run.device, acc.num_processes, acc.process_index
-    accum = config.gradient_accumulation_steps
-    global_batch = config.per_device_train_batch_size * world
-    params = [p for p in model.parameters() if p.requires_grad]
-    has_eval = bool(run.data.eval)
-    stop_reason: str | None = None
-
-    log_losses: list[float] = list(state.pending_losses)     # per-step losses since the last log
-    log_tokens = state.pending_tokens if rank == 0 else 0     # real tokens since the last log (this rank)
-    eval_losses: list[float] = list(state.pending_eval_losses)  # train losses since the last evaluation
-    log_start = time.perf_counter()
-    steps_this_process, start = 0, time.perf_counter()
-    end = "max_steps" if config.max_steps > 0 else "epochs"   # the stop reason at the end of the schedule
-
-    def after_step(step: int, stop_reason: str | None, *, save: bool = False) -> str | None:
-        """Evaluate at eval_steps and once at the end; save at save_steps and at the end, after the
-        evaluation, so the checkpoint holds this step's early-stopping state. A signal that comes
-        before an eval step's evaluation saves at once with the evaluation marked pending: the
-        resumed run does it first, so the run's evaluations are the same as if never stopped."""
-        nonlocal eval_losses
-        at_eval_step = bool(config.eval_steps) and step % config.eval_steps == 0
-        due = has_eval and (at_eval_step or step >= run.total_steps or stop_reason not in (None, "preempted"))
-        state.eval_pending = due and stop_reason == "preempted"
-        if due and stop_reason not in ("preempted", "health_abort"):
-            result = run.evaluate(step)
-            model.train()
-            finite = [x for x in eval_losses if math.isfinite(x)]
-            train_mean = sum(finite) / len(finite) if finite else None
-            eval_losses = []
-            for event in run.health.check_eval(step=step, eval_loss=result.eval_loss, train_loss=train_mean):
-                run.health_event(event)
-                if event.action == "abort":
-                    stop_reason = "health_abort"
-            if run.stopper.should_stop and stop_reason is None:
-                stop_reason = "early_stopping"
-            if run.preemption.agreed(acc, device) and stop_reason is None:  # a signal during evaluation
-                stop_reason = "preempted"   # a stop this step already decided is never replaced
-        if save or step % config.save_steps == 0 or stop_reason is not None:
-            run.save_checkpoint(step, log_losses, log_tokens, stop_reason, eval_losses)
-        return stop_reason
-
-    def pending_evaluation() -> str | None:
-        """The evaluation a signal cut off before it started (resume, or a rollback to such a
-        checkpoint); the checkpoint is then saved again without the mark, with any stop it decides."""
-        if not state.eval_pending:
-            return None
-        state.eval_pending = False
-        stop = after_step(state.step, end if state.step >= run.total_steps else None, save=True)
-        model.train()
-        return stop
-
-    lengths = example_lengths(run.data.train) if config.group_by_length else None
-    if lengths is not None:
-        kw = dict(num_examples=len(lengths), seed=config.seed, epoch=state.epoch, global_batch_size=global_batch,
-                  num_processes=world)
-        run.say(f"group_by_length: padding {100 * sampler.padding_share(sampler.global_micro_batches(**kw, lengths=lengths), lengths):.1f}% "
-                f"of the tokens of a batch (shuffled: {100 * sampler.padding_share(sampler.global_micro_batches(**kw), lengths):.1f}%)")
-    if state.step == 0 and has_eval:
-        run.evaluate(0)  # the base model's starting point
-    stop_reason = pending_evaluation()
-    model.train()
-
-    while stop_reason is None and state.step < run.total_steps:
-        batches = sampler.global_micro_batches(len(run.data.train), seed=config.seed, epoch=state.epoch,
-                                               global_batch_size=global_batch, num_processes=world, lengths=lengths)
-        mine = [sampler.rank_slice(b, rank=rank, num_processes=world) for b in batches]
-        it = iter(build_loader(run.data.train, mine[state.micro_in_epoch:], pad_token_id=run.tokenizer.pad_token_id,
-                               num_workers=run.num_workers, pin_memory=device.type == "cuda", packed=config.packing))
-        while stop_reason is None and state.micro_in_epoch < len(batches) and state.step < run.total_steps:
-            step = state.step + 1
-            faults.current_step = step
-            # One accumulation window: fetch its micro-batches first, to normalise the loss by
-            # the label tokens of the whole window across all ranks (independent of the split).
-            n_micro = min(accum, len(batches) - state.micro_in_epoch)
-            window = [next(it) for _ in range(n_micro)]
-            n_tokens = torch.tensor(float(sum(num_label_tokens(b["labels"]) for b in window)),
-                                    device=device)
-            if world > 1:
-                n_tokens = acc.reduce(n_tokens, reduction="sum")
-            n_tokens = n_tokens.clamp(min=1.0)
-            step_loss = torch.zeros((), device=device)
-            for i, batch in enumerate(window):
-                log_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                last = i == n_micro - 1
-                with run.accumulating(last):
-                    with run.head.only_labelled(batch["labels"]):
-                        logits = model(**model_inputs(batch), use_cache=False).logits  # (N labelled, V)
-                    loss_sum, _ = token_loss_sum(logits, batch["labels"])
-                    if faults.active("nan"):
-                        loss_sum = loss_sum * float("nan")
-                    # DDP (FSDP, ZeRO) average gradients over ranks; x world makes it the window's token mean.
-                    run.backward(loss_sum / n_tokens * world)
-                step_loss += loss_sum.detach() / n_tokens
-                del logits
-                if not last:
-                    faults.hit("micro")
-
-            grad_norm = run.clip_grad_norm(params)
-            # Health check before the update: the one host sync per step (all ranks see the same
-            # global loss and norm, so they take the same decision).
-            if world > 1:
-                step_loss = acc.reduce(step_loss, reduction="sum")
-            loss, norm = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
-            events = run.health.check_step(step=step, loss=loss, grad_norm=norm)
-            action = _most_severe(events)
-            for event in events:
-                run.health_event(event)
-            if action in ("rollback", "abort", "skip"):
-                run.discard_update()   # this update is not applied
-            if action == "rollback":
-                if run.rollback(step) is not None:
-                    log_losses, log_tokens, eval_losses = list(state.pending_losses), 0, list(state.pending_eval_losses)
-                    if rank == 0:
-                        log_tokens = state.pending_tokens
-                    stop_reason = pending_evaluation()
-                    break  # the data position changed: rebuild this epoch's batches
-                action = "skip"
-                run.say(f"no checkpoint to roll back to at step {step}; the update is skipped instead")
-            if action == "abort":
-                rows = sorted(row for b in batches[state.micro_in_epoch:state.micro_in_epoch + n_micro] for i in b
-                              for row in run.data.train[i].get("rows") or [run.data.train[i]["row"]])  # packed: rows
-                run.say(f"health abort at step {step}: {events[-1].message}. Batch rows: {rows}. "
-                        f"Recent losses: {[round(x, 4) for x in list(run.health.losses)[-8:]]}; recent grad norms: "
-                        f"{[round(x, 4) for x in list(run.health.grad_norms)[-8:]]}")
-                run.monitor.event("health_abort", step, rows=rows, message=events[-1].message,
-                                  recent_losses=list(run.health.losses)[-8:])
-                stop_reason = "health_abort"
-                run.save_checkpoint(state.step, log_losses, log_tokens, stop_reason, eval_losses)
-                break
-            if action != "skip":
-                run.apply_update()
-            run.scheduler.step()
-            run.apply_lr_scale()
-            state.step = step
-            state.micro_in_epoch += n_micro
-            steps_this_process += 1
-            log_losses.append(loss)
-            eval_losses.append(loss)
-            if run.monitor.is_tty:   # the live bar: every step on a terminal
-                spent = time.perf_counter() - start - run.eval_seconds
-                run.monitor.tick(step, loss=loss, steps_per_s=steps_this_process / max(spent, 1e-9),
-                                 eta_s=spent / steps_this_process * (run.total_steps - step))
-            if steps_this_process == 1:
-                mem = memory_stats(device)
-                run.monitor.event("memory", step, phase="after_first_step", **mem)
-                run.say(f"memory after the first step: {format_memory(mem)}")
-            faults.hit("step")
-            faults.hit("sigterm")
-            if faults.active("lr_spike"):
-                for group in run.optimizer.param_groups:
-                    group["lr"] *= 100.0  # the next update runs at 100x the scheduled rate
-            lr = run.optimizer.param_groups[0]["lr"]
-            for event in run.health.check_lr(step=step, lr=lr):
-                run.health_event(event)
-                if event.action == "abort":
-                    stop_reason = "health_abort"
-
-            # Log every logging_steps (token counts are summed over ranks here, once).
-            if step % config.logging_steps == 0 or step == run.total_steps:
-                tokens = run.reduce_tokens(log_tokens)
-                now = time.perf_counter()
-                tokens_per_s = tokens / max(now - log_start, 1e-9)
-                finite = [x for x in log_losses if math.isfinite(x)]
-                state.tokens_seen += tokens
-                state.train_loss_sum += sum(finite)
-                state.train_loss_count += len(finite)
-                state.last_train_loss = log_losses[-1]
-                mean_loss = sum(log_losses) / len(log_losses)   # a NaN step shows as NaN, never hidden
-                mem = memory_stats(device)
-                eta = (now - start - run.eval_seconds) / steps_this_process * (run.total_steps - step)
-                epoch = state.epoch + state.micro_in_epoch / len(batches)   # fractional epochs done
-                run.epoch_done, run.logged_loss = epoch, mean_loss
-                run.monitor.event("train", step, loss=mean_loss, step_losses=log_losses, learning_rate=lr,
-                                  grad_norm=norm, tokens_per_second=tokens_per_s, epoch=epoch, **mem)
-                run.monitor.progress(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s, eta_s=eta,
-                                     memory=mem, epoch=epoch, grad_norm=norm)
-                run.write_status("running", epoch=epoch, tokens_per_second=tokens_per_s, eta_seconds=eta,
-                                 learning_rate=lr, peak_memory_gb=mem["peak_gb"])
-                for event in run.health.check_memory(step=step, memory_gb=mem.get("allocated_gb", mem.get("rss_gb"))):
-                    run.health_event(event)
-                    if event.action == "abort":
-                        stop_reason = "health_abort"
-                log_losses, log_tokens, log_start = [], 0, time.perf_counter()
-
-            # Stop? (the end of the schedule, or a preemption signal on any rank)
-            if step >= run.total_steps and stop_reason is None:
-                stop_reason = end
-            if run.preemption.agreed(acc, device) and stop_reason in (None, end):
-                # The end of the schedule waits for the resume (its evaluation is marked pending, so
-                # the save is quick); a stop this step decided (a health abort) is kept.
-                stop_reason = "preempted"
-            t0 = time.perf_counter()
-            stop_reason = after_step(step, stop_reason)
-            log_start += time.perf_counter() - t0  # evaluation and saving are not training throughput
-
-        if state.micro_in_epoch >= len(batches):
-            state.epoch += 1
-            state.micro_in_epoch = 0
-    run.fit_seconds = time.perf_counter() - start
-    return stop_reason or end
-
-
-_SEVERITY = {"warn": 0, "skip": 1, "rollback": 2, "abort": 3}
-
-
-def _most_severe(events: list[HealthEvent]) -> str | None:
-    return max((e.action for e in events), key=_SEVERITY.__getitem__, default=None)
 
 
 def finish(run: Run, stop_reason: str) -> dict[str, Any]:

@@ -45,6 +45,7 @@ def test_nan_losses_k_steps_in_a_row_abort_with_a_diagnostic(make_config):
     assert CheckpointManager(config.output_dir).latest().step == 4  # resumable, before the bad update
 
 
+@pytest.mark.slow   # the demo base learning the demo task; the rule itself: tests/unit/test_health_rules.py
 def test_a_learning_rate_spike_is_detected_and_rolled_back_with_a_lower_rate(make_config):
     # The demo base learning the demo task: a real loss scale, converging by step 150.
     faults.arm("lr_spike@150")
@@ -75,6 +76,7 @@ def test_a_learning_rate_spike_is_detected_and_rolled_back_with_a_lower_rate(mak
     assert steps == sorted(set(steps))                          # redone steps replace the rolled-back ones
 
 
+@pytest.mark.slow   # the demo base learning the demo task; the rule itself: tests/unit/test_health_rules.py
 def test_eval_loss_rising_while_train_loss_falls_warns_of_overfitting(make_config, monkeypatch):
     from fullscale.evaluate import EvalResult
 
@@ -102,13 +104,15 @@ def test_a_scheduler_that_zeroes_the_learning_rate_early_is_reported(make_config
 
 def test_memory_that_keeps_growing_is_reported_as_a_leak(make_config, monkeypatch):
     leak = []
-    real = train_module.token_loss_sum
+    import fullscale.loop as loop_module
+
+    real = loop_module.token_loss_sum
 
     def leaky(logits, labels):
         leak.append(torch.ones(8 * 1024 * 1024 // 4 * 3))   # 24 MB kept per micro-step
         return real(logits, labels)
 
-    monkeypatch.setattr(train_module, "token_loss_sum", leaky)
+    monkeypatch.setattr(loop_module, "token_loss_sum", leaky)
     config = make_config(max_steps=16, eval_steps=0, save_steps=100, health_memory_window=3)
     train(config)
     leak.clear()
