@@ -231,6 +231,7 @@ class Run:
     epoch_done: float | None = None    # fractional epochs done at the last log (status.json)
     logged_loss: float | None = None   # the mean train loss of the last log, as the console shows it
     _running: dict = field(default_factory=dict)   # the last log's status values, kept by later rewrites
+    _phase: str = "starting"           # the phase status.json says (a rewrite after an evaluation keeps it)
     _time_base: float = field(default_factory=time.perf_counter)
 
     @property
@@ -253,8 +254,9 @@ class Run:
         s = self.state
         if self.run_lock is not None:
             self.run_lock.heartbeat()
-        if phase == "running":
-            self._running = dict(values)
+        if phase == "running" and values:
+            self._running = dict(values)   # a log's figures, kept by the rewrites until the next log
+        self._phase = phase
         values = {**self._running, **values}
         epoch = values.pop("epoch", self.epoch_done if self.epoch_done is not None else s.epoch)
         write_json(self.run_dir / "status.json", {
@@ -291,7 +293,7 @@ class Run:
         if improved:
             self.save_best_model(step, result.eval_loss)
         self.show_samples(step)
-        self.write_status("running")   # `fullscale status` shows this evaluation at once, not at the next log
+        self.write_status(self._phase)   # `fullscale status` shows this evaluation at once, not at the next log
         return result
 
     def show_samples(self, step: int) -> None:
@@ -542,26 +544,69 @@ def train(config: Config, *, stream=None) -> dict[str, Any]:
             held.release()
 
 
-def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) -> dict[str, Any]:
-    from fullscale import rundir
-    from fullscale.data import prepare_for
-    from fullscale.plan import check_model, check_plan, pin_cpu_allocator
+@dataclass
+class Launch:
+    """What every build step of a run needs: the processes, the device, the run directory."""
 
-    # 1. Processes and device.
+    config: Config
+    accelerator: Any
+    fsdp: Any                          # the FSDP plugin taken over from accelerate, or None
+    deepspeed: Any                     # the DeepSpeed plugin, or None
+    run_dir: Path
+    manager: ckpt.CheckpointManager
+    console: Monitor                   # console lines before the run's monitor exists
+    lock: list                         # the run directory's lock, once taken (main process)
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+
+def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) -> dict[str, Any]:
+    """The run, built in dependency order, then trained and closed."""
+    launch = build_launch(config, stream=stream, lock=lock)
+    resume_path, saved = build_run_dir(launch)
+    build_memory_plan(launch)
+    choices, fps, changes = build_fingerprints(launch, saved)
+    tokenizer, data = build_data(launch)
+    model, optimizer, scheduler, counts = build_model_and_optimizer(launch, data, choices, fps, saved, tokenizer)
+    monitor, reached = build_records(launch, data, resume_path, saved, total_steps=counts["total_steps"],
+                                     stream=stream)
+    run = build_run(launch, model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer, data=data,
+                    monitor=monitor, preemption=preemption, fingerprints=fps, total_steps=counts["total_steps"])
+    start_or_resume(run, resume_path, saved, reached=reached, changes=changes, choices=choices, counts=counts)
+    stop_reason = run_to_the_end(run, saved)
+    result = finish(run, stop_reason)
+    result["_model"], result["_tokenizer"], result["_data"] = model, tokenizer, data
+    return result
+
+
+def build_launch(config: Config, *, stream, lock: list) -> Launch:
+    """1. Processes and device (the launch environment read once), the console."""
     accelerator, fsdp, deepspeed = build_accelerator()
     if fsdp is not None:
         sharding.check(fsdp, device=accelerator.device)
     if deepspeed is not None:
         zero.check(deepspeed, config)
-    world = accelerator.num_processes
-    is_main = accelerator.is_main_process
-    device = accelerator.device
     run_dir = Path(config.output_dir)
-    manager = ckpt.CheckpointManager(run_dir, save_total_limit=config.save_total_limit)
-    console = Monitor(run_dir, enabled=is_main, tensorboard=False, total_steps=0, stream=stream, files=False)
+    return Launch(config=config, accelerator=accelerator, fsdp=fsdp, deepspeed=deepspeed, run_dir=run_dir,
+                  manager=ckpt.CheckpointManager(run_dir, save_total_limit=config.save_total_limit),
+                  console=Monitor(run_dir, enabled=accelerator.is_main_process, tensorboard=False, total_steps=0,
+                                  stream=stream, files=False), lock=lock)
 
-    # 2. Run directory, decided once on the main process: ours (or refused), locked for this run,
-    # leftovers cleaned, and the checkpoint to resume from (or none).
+
+def build_run_dir(launch: Launch) -> tuple[Path | None, dict[str, Any] | None]:
+    """2. The run directory, decided once on the main process: ours (or refused), locked for this
+    run, leftovers cleaned; the checkpoint to resume from and its state (or none)."""
+    from fullscale import rundir
+    from fullscale.plan import check_model
+
+    config, console = launch.config, launch.console
+
     def decide_run_dir() -> tuple[str | None, int | None]:
         faults.hit("main_error", 0)
         limit = check_model(config)   # reads config.json only: a wrong model directory stops here
@@ -569,37 +614,45 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
             console.print(f"max_seq_length: the default {config.max_seq_length} is more than the model's {limit} "
                           f"positions; using {limit}")
             config.max_seq_length = limit
-        rundir.claim(run_dir)
-        lock.append(rundir.RunLock(run_dir).acquire())
-        info = resuming.prepare_run_dir(config, manager, console.print)
+        rundir.claim(launch.run_dir)
+        launch.lock.append(rundir.RunLock(launch.run_dir).acquire())
+        info = resuming.prepare_run_dir(config, launch.manager, console.print)
         return (str(info.path) if info else None), limit
 
-    resume_path, limit = on_main(accelerator, decide_run_dir)
+    resume_path, limit = on_main(launch.accelerator, decide_run_dir)
     if limit is not None:
         config.max_seq_length = limit   # on every rank
     resume_path = Path(resume_path) if resume_path else None
-    saved = ckpt.load_state(resume_path) if resume_path else None
+    return resume_path, (ckpt.load_state(resume_path) if resume_path else None)
 
-    # 2b. Memory plan from config.json (no weights): refuse a run that cannot fit before loading anything.
+
+def build_memory_plan(launch: Launch) -> None:
+    """2b. The memory plan from config.json (no weights): a run that cannot fit stops before
+    anything loads."""
+    from fullscale.plan import check_plan, pin_cpu_allocator
 
     def decide_plan() -> bool:
-        plan = check_plan(config, num_processes=world, device=device)
-        console.print(f"memory plan: peak {plan.memory.peak / 2**30:.2f} GB of {plan.usable / 2**30:.2f} GB "
-                      f"usable per process ({plan.memory_source}); `fullscale plan` shows every row")
+        plan = check_plan(launch.config, num_processes=launch.world, device=launch.device)
+        launch.console.print(f"memory plan: peak {plan.memory.peak / 2**30:.2f} GB of {plan.usable / 2**30:.2f} GB "
+                             f"usable per process ({plan.memory_source}); `fullscale plan` shows every row")
         return plan.pin_allocator
 
-    if on_main(accelerator, decide_plan):
+    if on_main(launch.accelerator, decide_plan):
         pin_cpu_allocator()  # glibc's heap could outgrow the RAM: freed tensors go back to the OS
 
-    # 3. Seed, tokenizer, data, model, optimizer, scheduler: in dependency order.
+
+def build_fingerprints(launch: Launch, saved: dict[str, Any] | None):
+    """3. The seed, the dtype/attention choices, and the fingerprints of the model, tokenizer and
+    data, compared with the run being resumed: (choices, fingerprints, accepted changes)."""
+    config, console = launch.config, launch.console
     set_seed(config.seed)
-    choices = choose(config, device)
+    choices = choose(config, launch.device)
     if choices.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model_path = resolve_model_path(config)
     train_file = config.train_file or _demo_train_file()
-    fps = resuming.fingerprints(config, model_path=model_path, train_file=train_file, num_processes=world)
+    fps = resuming.fingerprints(config, model_path=model_path, train_file=train_file, num_processes=launch.world)
     changes: list[str] = []
     if saved:
         saved_fp = saved.get("fingerprints", {})
@@ -608,16 +661,23 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
             current = {**fps, **resuming.legacy_fingerprints(config, model_path=model_path, train_file=train_file)}
         breaking, changes = resuming.compare(config, saved["config"], saved_fp, current)
         if breaking and not config.force_resume:
-            raise resuming.refuse(run_dir, breaking)
+            raise resuming.refuse(launch.run_dir, breaking)
         if breaking:
             console.print(f"force_resume: continuing despite {'; '.join(breaking)}")
             changes += breaking
         if changes:
             console.print(f"resume: accepted changed settings: {'; '.join(changes)}")
+    return choices, fps, changes
+
+
+def build_data(launch: Launch):
+    """4. The tokenizer and the data, tokenized once per node: the local main process prepares (or
+    finds) the token store, the other ranks of the node wait, then open the same store (memory-mapped)."""
+    from fullscale.data import prepare_for
+
+    config, console, world = launch.config, launch.console, launch.world
     tokenizer = load_tokenizer(config)
-    # Tokenized once per node: the local main process prepares (or finds) the token store, the
-    # other ranks of the node wait, then open the same store (a cache hit, memory-mapped).
-    with accelerator.local_main_process_first():
+    with launch.accelerator.local_main_process_first():
         data = prepare_for(config, tokenizer)
     for line in data.messages:
         console.print(line)
@@ -629,6 +689,14 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
                       "(memory-mapped, shared through the page cache)")
     check_invalid_share(data, config)
     faults.hit("sigterm_startup", 0)
+    return tokenizer, data
+
+
+def build_model_and_optimizer(launch: Launch, data, choices, fps: dict[str, Any], saved, tokenizer):
+    """5. Packing, the model with LoRA (what it wraps fingerprinted), sharding, the optimizer, the
+    step counts and the schedule, and the engine's wrapping (DeepSpeed or accelerate)."""
+    config, console, world, device = launch.config, launch.console, launch.world, launch.device
+    packing = None
     if config.packing:
         from fullscale.data import pack_examples
 
@@ -642,20 +710,21 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     fps["lora_modules"] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     recorded = (saved or {}).get("fingerprints", {}).get("lora_modules")
     if recorded not in (None, fps["lora_modules"]) and not config.force_resume:
-        raise resuming.refuse(run_dir, ["the layers LoRA wraps (lora_target_modules resolved on this model) changed"])
-    console.print(f"model {model_path}: {choices.describe()}; LoRA r={config.lora_rank} alpha={config.lora_alpha} "
-                  f"on {targets.meaning}: {describe_wrapped(model)}; {trainable:,} trainable of {total:,} parameters "
-                  f"({100 * trainable / total:.2f}%)")
+        raise resuming.refuse(launch.run_dir, ["the layers LoRA wraps (lora_target_modules resolved on this model) "
+                                               "changed"])
+    console.print(f"model {resolve_model_path(config)}: {choices.describe()}; LoRA r={config.lora_rank} "
+                  f"alpha={config.lora_alpha} on {targets.meaning}: {describe_wrapped(model)}; {trainable:,} "
+                  f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     if targets.parameters and config.lora_dropout:
         console.print(f"LoRA on the fused expert weights ({', '.join(targets.parameters)}) runs without dropout "
                       f"(peft's ParamWrapper takes none); lora_dropout={config.lora_dropout:g} applies to every other layer")
     model.to(device)
-    if config.packing:
+    if packing is not None:
         check_packing(model, config, tokenizer, choices)   # before any efficiency is reported
         console.print(packing.describe())
-    if fsdp is not None:
-        sharding.shard(model, fsdp, device=device, num_processes=world)   # before the optimizer sees the parameters
-        console.print(fsdp.describe())
+    if launch.fsdp is not None:
+        sharding.shard(model, launch.fsdp, device=device, num_processes=world)   # before the optimizer sees them
+        console.print(launch.fsdp.describe())
     optimizer = build_optimizer(model, config)
     global_batch = config.per_device_train_batch_size * world
     micro_per_epoch = sampler.micro_batches_per_epoch(len(data.train), global_batch_size=global_batch,
@@ -666,14 +735,21 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
     steps_in_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
     total_steps = total_steps_for(config, steps_in_epoch)
     scheduler = build_scheduler(optimizer, config, total_steps)
-    if deepspeed is not None:
-        model, optimizer = zero.initialize(model, optimizer, deepspeed, config)
-        console.print(deepspeed.describe())
-    elif fsdp is None:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    stopper = EarlyStopping(patience=effective_early_stopping(config), min_delta=config.early_stopping_min_delta)
+    if launch.deepspeed is not None:
+        model, optimizer = zero.initialize(model, optimizer, launch.deepspeed, config)
+        console.print(launch.deepspeed.describe())
+    elif launch.fsdp is None:
+        model, optimizer = launch.accelerator.prepare(model, optimizer)
+    counts = {"total_steps": total_steps, "steps_in_epoch": steps_in_epoch, "trainable": trainable, "total": total,
+              "global_batch": global_batch}
+    return model, optimizer, scheduler, counts
 
-    # 4. Records: config.yaml, metrics.jsonl, TensorBoard (continuing after the resume step).
+
+def build_records(launch: Launch, data, resume_path: Path | None, saved, *, total_steps: int, stream):
+    """6. The records: config.yaml and prompt_format.json, metrics.jsonl continued after the resume
+    step (the steps it redoes dropped), the trackers, TensorBoard. Returns (monitor, the last step
+    the records had reached)."""
+    config, run_dir, is_main = launch.config, launch.run_dir, launch.accelerator.is_main_process
     resume_step = saved["train_state"]["step"] if saved else 0
     reached = resume_step
     redone: set[tuple[str, int]] = set()   # (event, step) records the resume redoes (the trackers have them)
@@ -699,47 +775,65 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
             trackers.append(Trackers(run_dir, config.report_to, config=config.to_dict(),
                                      resuming=resume_path is not None, skip=redone))
 
-    on_main(accelerator, start_trackers)
+    on_main(launch.accelerator, start_trackers)
     monitor = Monitor(run_dir, enabled=is_main, tensorboard=config.uses_tensorboard and is_main,
                       total_steps=total_steps, stream=stream, purge_step=resume_step + 1 if resume_path else None,
                       trackers=trackers[0] if trackers else None)
-    run = Run(config=config, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
-              scheduler=scheduler, data=data, stopper=stopper, state=TrainState(), monitor=monitor,
-              manager=manager, preemption=preemption, fingerprints=fps, total_steps=total_steps,
-              health=HealthMonitor(config, total_steps=total_steps,
-                                   warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
-              run_dir=run_dir, num_workers=resolve_num_workers(config, device, world),
-              head=LabelledHead(accelerator.unwrap_model(model)), run_lock=lock[0] if lock else None,
-              engine=build_engine(accelerator, model, optimizer, fsdp=fsdp, deepspeed=deepspeed,
-                                  max_grad_norm=config.max_grad_norm))
+    return monitor, reached
 
-    # 5. Resume: adapter, optimizer, scheduler, RNG, data position, early stopping.
+
+def build_run(launch: Launch, *, model, optimizer, scheduler, tokenizer, data, monitor, preemption, fingerprints,
+              total_steps: int) -> Run:
+    """7. The Run: the components, the health monitor, the engine."""
+    config, accelerator = launch.config, launch.accelerator
+    return Run(config=config, accelerator=accelerator, model=model, tokenizer=tokenizer, optimizer=optimizer,
+               scheduler=scheduler, data=data, monitor=monitor, manager=launch.manager, preemption=preemption,
+               stopper=EarlyStopping(patience=effective_early_stopping(config),
+                                     min_delta=config.early_stopping_min_delta),
+               state=TrainState(), fingerprints=fingerprints, total_steps=total_steps,
+               health=HealthMonitor(config, total_steps=total_steps,
+                                    warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
+               run_dir=launch.run_dir, num_workers=resolve_num_workers(config, launch.device, launch.world),
+               head=LabelledHead(accelerator.unwrap_model(model)), run_lock=launch.lock[0] if launch.lock else None,
+               engine=build_engine(accelerator, model, optimizer, fsdp=launch.fsdp, deepspeed=launch.deepspeed,
+                                   max_grad_norm=config.max_grad_norm))
+
+
+def start_or_resume(run: Run, resume_path: Path | None, saved, *, reached: int, changes: list[str], choices,
+                    counts: dict[str, int]) -> None:
+    """8. Resume (adapter, optimizer, scheduler, RNG, data position, early stopping) or start; the
+    opening lines."""
+    config, data, total_steps = run.config, run.data, run.total_steps
+    world = run.accelerator.num_processes
+    resume_step = saved["train_state"]["step"] if saved else 0
     if resume_path is not None:
         run.restore(resume_path, saved)
         run.state.num_resumes += 1
         run.say(f"resuming from {resume_path.name}: step {resume_step}/{total_steps}, epoch {run.state.epoch}"
                 f"{f'; redoing steps {resume_step + 1}-{reached}' if reached > resume_step else ''}")
-        monitor.event("resume", resume_step, from_step=resume_step, steps_redone=reached - resume_step,
-                      checkpoint=resume_path.name, num_resumes=run.state.num_resumes,
-                      reason=saved.get("stop_reason") or "interrupted", changed_settings=changes)
+        run.monitor.event("resume", resume_step, from_step=resume_step, steps_redone=reached - resume_step,
+                          checkpoint=resume_path.name, num_resumes=run.state.num_resumes,
+                          reason=saved.get("stop_reason") or "interrupted", changed_settings=changes)
     else:
-        monitor.event("train_start", 0, total_steps=total_steps, num_train_examples=len(data.train),
-                      num_eval_examples=len(data.eval or []), trainable_parameters=trainable,
-                      total_parameters=total, processes=world, dtype=str(choices.dtype),
-                      attn_implementation=choices.attn_implementation)
-    mem = memory_stats(device)
-    monitor.event("memory", resume_step, phase="after_lora", **mem)
+        run.monitor.event("train_start", 0, total_steps=total_steps, num_train_examples=len(data.train),
+                          num_eval_examples=len(data.eval or []), trainable_parameters=counts["trainable"],
+                          total_parameters=counts["total"], processes=world, dtype=str(choices.dtype),
+                          attn_implementation=choices.attn_implementation)
+    mem = memory_stats(run.device)
+    run.monitor.event("memory", resume_step, phase="after_lora", **mem)
     run.say(f"memory after loading + LoRA: {format_memory(mem)}")
     run.say(f"{len(data.train):,} train / {len(data.eval or []):,} eval examples; effective batch "
             f"{config.per_device_train_batch_size} x {world} processes x {config.gradient_accumulation_steps} "
-            f"accumulation = {global_batch * config.gradient_accumulation_steps}; {steps_in_epoch} steps per "
-            f"epoch, {total_steps} steps")
+            f"accumulation = {counts['global_batch'] * config.gradient_accumulation_steps}; "
+            f"{counts['steps_in_epoch']} steps per epoch, {total_steps} steps")
     if not data.eval:
         run.say("no eval data: evaluation, best_model/ and early stopping are off")
 
-    # 6. Train.
+
+def run_to_the_end(run: Run, saved) -> str:
+    """9. fit(), unless the run being resumed already finished; returns the stop reason."""
     finished = saved.get("stop_reason") if saved else None
-    if finished == "health_abort" and config.force_resume:
+    if finished == "health_abort" and run.config.force_resume:
         run.say(f"continuing the run a health check stopped at step {run.state.step} (force_resume), from the state "
                 "before the bad update")
         finished = None
@@ -747,21 +841,15 @@ def _train(config: Config, *, stream, preemption: PreemptionFlag, lock: list) ->
         how = (" To continue it from the state before the bad update, change what caused it (e.g. a lower "
                "learning_rate) and add force_resume=true" if finished == "health_abort" else "")
         run.say(f"this run already finished ({finished} at step {run.state.step}); nothing to do.{how}")
-        stop_reason = finished
-    else:
-        run.write_status("starting")
-        run.preemption.starting = False   # from here a signal finishes the step and saves
-        try:
-            stop_reason = fit(run)
-        except BaseException as exc:
-            with contextlib.suppress(Exception):   # best effort: the disk may be what failed
-                run.write_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
-            raise
-
-    # 7. The result.
-    result = finish(run, stop_reason)
-    result["_model"], result["_tokenizer"], result["_data"] = model, tokenizer, data
-    return result
+        return finished
+    run.write_status("starting")
+    run.preemption.starting = False   # from here a signal finishes the step and saves
+    try:
+        return fit(run)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):   # best effort: the disk may be what failed
+            run.write_status("failed", error=f"{type(exc).__name__}: {exc}"[:500])
+        raise
 
 
 def finish(run: Run, stop_reason: str) -> dict[str, Any]:
