@@ -7,8 +7,9 @@ the way users already ask for FSDP: `accelerate launch --config_file configs/acc
 (which sets ACCELERATE_USE_FSDP and the FSDP_* variables), or those variables under torchrun.
 
 What a checkpoint holds under FSDP is what it holds without it: the full adapter (gathered from
-the shards: LoRA is small) and the full optimizer state keyed by parameter name, written by rank 0
-under the same crash-safe protocol; on resume every rank reads them and keeps its shard. The
+the shards: LoRA is small) and the full optimizer state in torch's own format (states keyed by
+parameter index, as optimizer.state_dict() gives them), written by rank 0 under the same
+crash-safe protocol; on resume every rank reads them and keeps its shard. The
 frozen base weights are never gathered.
 """
 

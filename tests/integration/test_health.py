@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import fullscale.run as run_module
 import fullscale.train as train_module
 from conftest import read_metrics
 from fullscale import faults
@@ -82,7 +83,7 @@ def test_eval_loss_rising_while_train_loss_falls_warns_of_overfitting(make_confi
 
     # The demo base learning the demo task (train loss falls fast); scripted eval losses rise.
     losses = iter([8.0, 5.0, 5.1, 5.2, 5.3, 5.4, 5.5])
-    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: EvalResult(next(losses), 1.0, 10, 0.0))
+    monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: EvalResult(next(losses), 1.0, 10, 0.0))
     config = make_config(model_name_or_path=None, train_file=None, max_steps=60, eval_steps=10, save_steps=100,
                          learning_rate=4e-3, per_device_train_batch_size=16, gradient_accumulation_steps=1,
                          max_seq_length=128, early_stopping_patience=0)

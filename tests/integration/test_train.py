@@ -80,12 +80,12 @@ def test_early_stopping_stops_after_patience_non_improving_evaluations(make_conf
 
 def test_rotation_never_removes_the_best_checkpoint(make_config, monkeypatch):
     # Scripted eval losses through the real loop: the best is at step 2, then it only gets worse.
-    import fullscale.train as train_module
+    import fullscale.run as run_module
     from fullscale.checkpoint import CheckpointManager
     from fullscale.evaluate import EvalResult
 
     losses = iter([3.0, 2.0, 2.5, 2.6, 2.7, 2.8, 2.9])
-    monkeypatch.setattr(train_module, "evaluate",
+    monkeypatch.setattr(run_module, "evaluate",
                         lambda *a, **k: EvalResult(next(losses), 1.0, 10, 0.0))
     config = make_config(max_steps=12, eval_steps=2, save_steps=2, save_total_limit=1,
                          early_stopping_patience=0)
