@@ -36,7 +36,31 @@ SPLITS = ("train", "eval")
 FIELDS = (("input_ids", np.int32), ("labels", np.int32), ("offsets", np.int64), ("rows", np.int64))
 
 
-class Examples(Sequence):
+class _Split(Sequence):
+    """A sequence of examples {"input_ids", "labels", "row"} made on access (a batch's worth at a
+    time): indexing, slices and equality like a list; subclasses give `_item(i)` for 0 <= i < len."""
+
+    def _item(self, i: int) -> dict:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._item(i)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return False
+        return all(self[i] == other[i] for i in range(len(self)))
+
+    __hash__ = None  # sequence semantics, like list
+
+
+class Examples(_Split):
     """Examples over a block of arrays (a token store's, or in memory), optionally a choice of them
     (`index`: positions in the block, e.g. the train split of a file whose other rows are eval)."""
 
@@ -48,13 +72,7 @@ class Examples(Sequence):
     def __len__(self) -> int:
         return len(self.rows) if self.index is None else len(self.index)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _item(self, i: int) -> dict:
         j = i if self.index is None else int(self.index[i])
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist(),
@@ -71,18 +89,11 @@ class Examples(Sequence):
         counts = marks[self.offsets[1:]] - marks[self.offsets[:-1]]
         return counts if self.index is None else counts[self.index]
 
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, Sequence) or len(other) != len(self):
-            return False
-        return all(self[i] == other[i] for i in range(len(self)))
-
-    __hash__ = None  # sequence semantics, like list
-
     def __repr__(self) -> str:
         return f"Examples({len(self)} examples)"
 
 
-class Mixture(Sequence):
+class Mixture(_Split):
     """Examples drawn from several splits (a mix of sources, each its own store): example i is
     example `positions[i]` of split `parts[which[i]]`."""
 
@@ -92,13 +103,7 @@ class Mixture(Sequence):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
+    def _item(self, i: int) -> dict:
         return self.parts[int(self.which[i])][int(self.positions[i])]
 
     def lengths(self) -> np.ndarray:
@@ -107,9 +112,6 @@ class Mixture(Sequence):
             mine = self.which == k
             out[mine] = np.asarray(example_lengths(part), dtype=np.int64)[self.positions[mine]]
         return out
-
-    __eq__ = Examples.__eq__
-    __hash__ = None
 
     def __repr__(self) -> str:
         return f"Mixture({len(self)} examples from {len(self.parts)} sources)"
