@@ -455,19 +455,22 @@ def _coerce_sources(value: list) -> tuple[bool, Any, str]:
     return True, out, ""
 
 
+def train_data(c: Config) -> str | list:
+    """train_file, or the embedded demo data when there is none (the one home of that rule)."""
+    from fullscale.demo import DEMO_TRAIN
+
+    return c.train_file or str(DEMO_TRAIN)
+
+
 def train_sources(c: Config) -> list[dict[str, Any]]:
     """The train data as a list of sources, each with every key set (a single train_file is one
-    source of weight 1 with the run's dataset_* keys; a list's entries fall back to those keys)."""
-    entries = c.train_file if isinstance(c.train_file, list) else [{"path": c.train_file}] if c.train_file else []
+    source of weight 1 with the run's dataset_* keys; a list's entries fall back to those keys; no
+    train_file: the demo data)."""
+    data = train_data(c)
+    entries = data if isinstance(data, list) else [{"path": data}]
     shared = {"weight": 1.0, "dataset_config": c.dataset_config, "dataset_split": c.dataset_split,
               "dataset_format": c.dataset_format, "dataset_columns": c.dataset_columns}
     return [{**shared, **entry} for entry in entries]
-
-
-def train_name(c: Config) -> str | None:
-    """The train data as one text (a path, or the paths of a mix joined by '+'), for messages and names."""
-    sources = train_sources(c)
-    return " + ".join(str(s["path"]) for s in sources) if sources else None
 
 
 def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
@@ -508,7 +511,7 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     if c.max_steps <= 0:
         need(c.num_train_epochs > 0, "num_train_epochs", f"got {c.num_train_epochs}; must be > 0 unless max_steps > 0")
     need(c.max_steps == -1 or c.max_steps > 0, "max_steps", f"got {c.max_steps}; use a positive number of steps, or -1 to use num_train_epochs")
-    for n, source in enumerate(train_sources(c), start=1):
+    for n, source in enumerate(train_sources(c) if c.train_file else [], start=1):
         value = source["path"]
         if not Path(value).exists() and not is_hub_name(value):
             which = f" (source {n})" if isinstance(c.train_file, list) else ""

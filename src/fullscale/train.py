@@ -27,7 +27,7 @@ from fullscale import checkpoint as ckpt
 from fullscale import faults, sampler
 from fullscale import resumption as resuming
 from fullscale import sharding, zero
-from fullscale.config import Config, effective_early_stopping
+from fullscale.config import Config, effective_early_stopping, train_data
 from fullscale.data.prepare import run_alpaca_templates
 from fullscale.early_stop import EarlyStopping
 from fullscale.engine import build_engine
@@ -251,7 +251,7 @@ def build_fingerprints(launch: Launch, saved: dict[str, Any] | None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model_path = resolve_model_path(config)
-    train_file = config.train_file or _demo_train_file()
+    train_file = train_data(config)
     fps = resuming.fingerprints(config, model_path=model_path, train_file=train_file, num_processes=launch.world)
     changes: list[str] = []
     if saved:
@@ -502,9 +502,3 @@ def finish(run: Run, stop_reason: str) -> dict[str, Any]:
     run.monitor.close()
     run.accelerator.wait_for_everyone()
     return result
-
-
-def _demo_train_file() -> str:
-    from fullscale.demo import DEMO_TRAIN
-
-    return str(DEMO_TRAIN)

@@ -80,15 +80,14 @@ def _check_arguments(*, dataset_format, eval_split, max_seq_length, invalid_rows
 def prepare_for(config, tokenizer) -> PreparedData:
     """prepare_data with a run's config (its data keys; no train_file: the demo data). A list of
     sources is prepared source by source (each its own token store) and mixed by weight."""
-    from fullscale.config import train_sources
-    from fullscale.demo import DEMO_TRAIN
+    from fullscale.config import train_data, train_sources
 
     common = dict(max_seq_length=config.max_seq_length, seed=config.seed, tokenizer=tokenizer,
                   invalid_rows=config.invalid_rows, alpaca=run_alpaca_templates(config))
     if isinstance(config.train_file, list):
         return prepare_mix(train_sources(config), eval_file=config.eval_file, eval_split=config.eval_split,
                            **common)
-    return prepare_data(train_file=config.train_file or str(DEMO_TRAIN), eval_file=config.eval_file,
+    return prepare_data(train_file=train_data(config), eval_file=config.eval_file,
                         eval_split=config.eval_split, dataset_format=config.dataset_format,
                         columns=config.dataset_columns, dataset_config=config.dataset_config,
                         dataset_split=config.dataset_split, **common)

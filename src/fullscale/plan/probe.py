@@ -138,10 +138,8 @@ def count_steps(config: Config, *, num_processes: int) -> tuple[int, int, int]:
     from fullscale import sampler
     from fullscale.config import train_sources
     from fullscale.data import count_rows, mixed_count
-    from fullscale.demo import DEMO_TRAIN
 
-    sources = train_sources(config) or [{"path": str(DEMO_TRAIN), "weight": 1.0, "dataset_config": None,
-                                         "dataset_split": "train"}]
+    sources = train_sources(config)
     num_train = num_eval = 0
     for source in sources:   # each source holds out its own eval_split (a mix), then counts at its weight
         rows = count_rows(source["path"], dataset_config=source["dataset_config"],

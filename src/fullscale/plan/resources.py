@@ -111,11 +111,10 @@ class DataEstimate:
 
 
 def estimate_data(config: Config) -> DataEstimate | None:
-    from fullscale.demo import DEMO_TRAIN
-
+    """The data's host RAM and disk, from the size of its files (None when they cannot be read)."""
     from fullscale.config import train_sources
 
-    sources = [s["path"] for s in train_sources(config)] or [str(DEMO_TRAIN)]
+    sources = [s["path"] for s in train_sources(config)]
     files = [Path(f) for f in (*sources, config.eval_file) if f]
     try:
         size = sum(sum(p.stat().st_size for p in f.rglob("*") if p.is_file()) if f.is_dir() else f.stat().st_size
