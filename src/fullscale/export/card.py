@@ -53,51 +53,7 @@ def model_card(result: ExportResult) -> str:
         f"# {'Merged model (base + LoRA adapter)' if result.merged else 'LoRA adapter'} trained with fullscale",
         "",
     ]
-    if result.merged:
-        lines += [
-            f"The LoRA adapter merged into a copy of `{result.base_id or s.base}` ({result.dtype}). Loads with plain "
-            "transformers, no peft:",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-            "```",
-            "",
-            "## Merge verification",
-            "",
-            f"The saved merged model was loaded back and compared with the adapter model (base + unmerged adapter, "
-            f"{result.dtype}) on {result.verification.num_examples} {result.verification.data} "
-            f"({result.verification.num_tokens} tokens):",
-            "",
-            "| | |",
-            "|---|---|",
-            f"| max abs logit difference | {result.verification.max_abs_diff:.3g} |",
-            f"| tolerance ({result.dtype}) | {result.verification.tolerance:.3g} |",
-            f"| perplexity, adapter model | {result.verification.adapter_perplexity:.6g} |",
-            f"| perplexity, merged model | {result.verification.merged_perplexity:.6g} |",
-            "",
-        ]
-    else:
-        lines += [
-            f"A LoRA adapter for `{result.base_id or s.base}`, with the base's tokenizer (and chat template) and "
-            "generation config.",
-            "",
-            "```python",
-            "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(result.base_id or s.base)})",
-            'model = PeftModel.from_pretrained(base, "path/to/this/directory")',
-            'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
-            "```",
-            "",
-            "or `fullscale.load_trained_model(None, \"path/to/this/directory\")`.",
-            "",
-        ]
-        rank = (s.config or {}).get("lora_rank")
-        if isinstance(rank, int) and rank > 16:
-            lines += [f"Serving with vLLM: `--enable-lora --max-lora-rank {rank}` (vLLM's default rank limit is 16, "
-                      f"below this adapter's rank {rank}).", ""]
+    lines += _usage(result) if not result.merged else _merged_usage(result)
     run = p["run"]
     rows = [
         ("base model", f"`{result.base_id or s.base}`"),
@@ -125,6 +81,61 @@ def model_card(result: ExportResult) -> str:
     if s.config is not None:
         lines += ["", "## fullscale config", "", "```yaml", yaml.safe_dump(s.config, sort_keys=False).rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+def _merged_usage(result: ExportResult) -> list[str]:
+    """How to load a merged export, and its verification."""
+    s = result.source
+    lines = [
+        f"The LoRA adapter merged into a copy of `{result.base_id or s.base}` ({result.dtype}). Loads with plain "
+        "transformers, no peft:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/directory")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+        "```",
+        "",
+        "## Merge verification",
+        "",
+        f"The saved merged model was loaded back and compared with the adapter model (base + unmerged adapter, "
+        f"{result.dtype}) on {result.verification.num_examples} {result.verification.data} "
+        f"({result.verification.num_tokens} tokens):",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| max abs logit difference | {result.verification.max_abs_diff:.3g} |",
+        f"| tolerance ({result.dtype}) | {result.verification.tolerance:.3g} |",
+        f"| perplexity, adapter model | {result.verification.adapter_perplexity:.6g} |",
+        f"| perplexity, merged model | {result.verification.merged_perplexity:.6g} |",
+        "",
+    ]
+    return lines
+
+
+def _usage(result: ExportResult) -> list[str]:
+    """How to load an adapter export (and serve it)."""
+    s = result.source
+    lines = [
+        f"A LoRA adapter for `{result.base_id or s.base}`, with the base's tokenizer (and chat template) and "
+        "generation config.",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"base = AutoModelForCausalLM.from_pretrained({json.dumps(result.base_id or s.base)})",
+        'model = PeftModel.from_pretrained(base, "path/to/this/directory")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/directory")',
+        "```",
+        "",
+        "or `fullscale.load_trained_model(None, \"path/to/this/directory\")`.",
+        "",
+    ]
+    rank = (s.config or {}).get("lora_rank")
+    if isinstance(rank, int) and rank > 16:
+        lines += [f"Serving with vLLM: `--enable-lora --max-lora-rank {rank}` (vLLM's default rank limit is 16, "
+                  f"below this adapter's rank {rank}).", ""]
+    return lines
 
 
 def _prompt_format_text(record: dict | None) -> str:

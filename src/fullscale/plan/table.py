@@ -49,6 +49,16 @@ def format_plan(plan: Plan) -> str:
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     lines.append(f"  {'peak':<52}{_size(m.peak):>10}   {verdict} in {_size(plan.usable)}")
     lines.append("")
+    lines += _after_memory(plan)
+    for note in plan.notes:
+        lines.append(f"note     {note}")
+    return "\n".join(lines)
+
+
+def _after_memory(plan: Plan) -> list[str]:
+    """The recommendation, disk, data and time lines."""
+    s = plan.settings
+    lines: list[str] = []
     if plan.recommendation is not None:
         r, rm = plan.recommendation, plan.recommended_memory
         if r == s:
@@ -92,6 +102,4 @@ def format_plan(plan: Plan) -> str:
                          f"{heap}")
     else:
         lines.append("time     run with --probe to time real steps on this device")
-    for note in plan.notes:
-        lines.append(f"note     {note}")
-    return "\n".join(lines)
+    return lines
