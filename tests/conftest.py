@@ -57,6 +57,7 @@ def make_config(tmp_path, tiny_model_dir, reverse_data):
             "gradient_checkpointing": False,
             "report_to": "none",
             "eval_split": 0.1,
+            "eval_samples": 0,   # sample generations have their own tests (test_report, test_trackers)
         }
         values.update(overrides)
         return load_config(None, values)

@@ -99,7 +99,7 @@ class Config:
     early_stopping_patience: int = _key(3, "stop after this many evaluations without improvement (0 disables)")
     early_stopping_min_delta: float = _key(0.001, "an eval loss must beat the best by more than this to count")
     eval_samples: int = _key(2, "at each evaluation, greedy generations for this many fixed eval rows (their prompts as trained), printed, logged and in the report (0: none)")
-    eval_sample_tokens: int = _key(48, "at most this many new tokens per sample generation")
+    eval_sample_tokens: int = _key(48, "at most this many new tokens per sample generation (and at most 16 past the expected reply's length)")
     eval_time_budget: float = _key(0.2, "warn when evaluation takes more than this share of the wall time")
     resume: str = _key("auto", "auto: continue from the newest valid checkpoint in output_dir; never: refuse to reuse a run directory; restart: move a previous run into output_dir/previous-<time>/ and start from step 0 (give it once, on the command line)", RESUME)
     force_resume: bool = _key(False, "resume even though the model, data or settings changed (the run is then no longer exact)")

@@ -72,7 +72,8 @@ def eval_samples(model, tokenizer, examples, *, count: int, max_new_tokens: int)
             if first is None:
                 continue
             prompt, expected = ex["input_ids"][:first], [t for t in ex["labels"][first:] if t != IGNORE_INDEX]
-            out = continue_ids(model, tokenizer, prompt, max_new_tokens=max_new_tokens)
+            # Enough to see the reply and what follows it; no longer (each token is a forward pass).
+            out = continue_ids(model, tokenizer, prompt, max_new_tokens=min(max_new_tokens, len(expected) + 16))
             samples.append({"row": ex["row"], "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
                             "output": tokenizer.decode(out, skip_special_tokens=True).strip(),
                             "expected": tokenizer.decode(expected, skip_special_tokens=True).strip()})
