@@ -119,7 +119,7 @@ class Config:
     health_memory_action: str = _key("warn", "memory growing through the run (a leak): warn or abort", ("warn", "abort"))
     health_memory_growth: float = _key(0.2, "memory growth (share of the early level) that counts as a leak")
     health_memory_window: int = _key(5, "logs averaged (median) at the start and at the end for the memory rule")
-    # --- memory planning (see plan.py and `fullscale plan`) ---
+    # --- memory planning (see fullscale.plan and `fullscale plan`) ---
     memory_budget_gb: float | None = _key(None, "memory one process may use, in GB (2^30 bytes); none: the GPU's total memory, or on CPU the available RAM")
     memory_margin: float = _key(0.1, "share of that memory the plan keeps free (allocator fragmentation, estimate error)")
     plan_check: bool = _key(True, "before loading the model, refuse settings whose estimated peak memory does not fit (with settings that do)")

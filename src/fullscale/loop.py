@@ -31,7 +31,7 @@ _SEVERITY = {"warn": 0, "skip": 1, "rollback": 2, "abort": 3}
 
 
 def fit(run) -> str:
-    """The training loop over `run` (a fullscale.train.Run); returns the stop reason."""
+    """The training loop over `run` (a fullscale.run.Run); returns the stop reason."""
     loop, state = Loop(run), run.state
     stop = loop.begin()
     while stop is None and state.step < run.total_steps:
