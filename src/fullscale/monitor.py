@@ -138,7 +138,7 @@ class Monitor:
             for tag, v in tags.items():
                 self.writer.add_scalar(tag, v, step)
         if self.trackers is not None and tags:
-            self.trackers.log(kind, step, values)
+            self.trackers.log(kind, step, tags)
 
     def text(self, tag: str, text: str, step: int) -> None:
         """A text record for TensorBoard (sample generations)."""

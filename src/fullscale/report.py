@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fullscale.errors import UserError
-from fullscale.status import check_run_dir, collect_status, format_size, read_json, read_metrics, to_json
+from fullscale.status import check_run_dir, collect_status, read_json, read_metrics, to_json
+from fullscale.units import format_size
 
 MAX_POINTS = 4000          # per curve; longer curves keep each bucket's min and max (spikes stay visible)
 MAX_EVENT_LABELS = 8       # labelled markers per plot; further events are drawn unlabelled

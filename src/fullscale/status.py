@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fullscale.errors import CheckpointError
-from fullscale.units import format_duration, format_number, format_size  # noqa: F401 (format_size: report)
+from fullscale.units import format_duration, format_number, format_size
 
 STALE_FLOOR_SECONDS = 15 * 60   # never call a run dead sooner than this without seeing its process
 STALE_FACTOR = 3                # ... nor sooner than this many times the longest gap between its records

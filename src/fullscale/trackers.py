@@ -90,8 +90,8 @@ class Trackers:
             return {}
         return state if isinstance(state, dict) else {}
 
-    def log(self, kind: str, step: int, values: dict[str, Any]) -> None:
-        tags = scalars(kind, values)
+    def log(self, kind: str, step: int, tags: dict[str, float]) -> None:
+        """The chartable values of one event, as scalars() tags them."""
         if not tags or (kind, step) in self.skip:
             return
         self._guard("wandb", lambda: self.wandb.log(tags, step=step))

@@ -123,9 +123,7 @@ def _mixed_positions(num: int, weight: float, seed: int):
 def _mixed_stats(parts: list[tuple[str, Any, DataStats]], counts: list) -> DataStats:
     """One DataStats for a mix: rows, skips and truncations summed (reasons name their source),
     tokens and label tokens of the examples as mixed (repeats counted)."""
-    import numpy as np
-
-    from fullscale.data.store import example_lengths
+    from fullscale.data.store import lengths_of
 
     out = DataStats()
     for (name, examples, stats), count in zip(parts, counts):
@@ -135,7 +133,7 @@ def _mixed_stats(parts: list[tuple[str, Any, DataStats]], counts: list) -> DataS
         out.skipped += [(n, f"{name}: {why}") for n, why in stats.skipped]
         out.truncated_rows += stats.truncated_rows
         out.num_examples += int(count.sum())
-        lengths = np.asarray(example_lengths(examples), dtype=np.int64)
+        lengths = lengths_of(examples)
         out.num_tokens += int((lengths * count).sum())
         out.num_label_tokens += int((examples.label_counts(IGNORE_INDEX) * count).sum())
     return out

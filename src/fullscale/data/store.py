@@ -110,18 +110,23 @@ class Mixture(_Split):
         out = np.empty(len(self), dtype=np.int64)
         for k, part in enumerate(self.parts):
             mine = self.which == k
-            out[mine] = np.asarray(example_lengths(part), dtype=np.int64)[self.positions[mine]]
+            out[mine] = lengths_of(part)[self.positions[mine]]
         return out
 
     def __repr__(self) -> str:
         return f"Mixture({len(self)} examples from {len(self.parts)} sources)"
 
 
-def example_lengths(examples) -> list[int]:
-    """Token counts of a split, from the store's offsets when it is one."""
+def lengths_of(examples) -> np.ndarray:
+    """Token counts of a split (int64): from the store's offsets when it is one, else counted."""
     if isinstance(examples, (Examples, Mixture)):
-        return examples.lengths().tolist()
-    return [len(ex["input_ids"]) for ex in examples]
+        return examples.lengths()
+    return np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=len(examples))
+
+
+def example_lengths(examples) -> list[int]:
+    """Token counts of a split, as a list."""
+    return lengths_of(examples).tolist()
 
 
 def _block_of(examples) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -130,7 +135,7 @@ def _block_of(examples) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         return ({"input_ids": examples.input_ids, "labels": examples.labels, "offsets": examples.offsets,
                  "rows": examples.rows}, examples.index)
     n = len(examples)
-    lengths = np.fromiter((len(ex["input_ids"]) for ex in examples), dtype=np.int64, count=n)
+    lengths = lengths_of(examples)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     ids = np.empty(int(offsets[-1]), dtype=np.int32)
