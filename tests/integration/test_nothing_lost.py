@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import read_metrics
+from conftest import read_metrics, write_reverse_task
 from conftest import run_cli as cli
 
 ROOT = Path(__file__).parents[2]
@@ -367,6 +367,26 @@ def test_a_real_full_disk_stops_with_the_path_and_bytes_needed_and_leaves_no_deb
     assert "Traceback" not in proc.stderr
     assert "cannot write" in proc.stderr and str(disk / "run") in proc.stderr and "bytes" in proc.stderr
     assert no_debris(disk) == []
+
+
+def test_a_cache_disk_that_fills_up_while_tokenizing_never_stops_preparation(tmp_path, small_disk, monkeypatch):
+    """The tokens spill to temporary files beside the token store; when that disk fills midway they
+    move to the system's temporary directory and the data comes out the same (uncached)."""
+    from tiny import make_tokenizer
+
+    from fullscale.data import prepare_data
+
+    cache = small_disk("cache", "64k")
+    (cache / "tokenized").mkdir()
+    (cache / "fill").write_bytes(b"\0" * (52 << 10))   # ~12 KiB left: the ~30 KiB of ids do not fit
+    data_file = write_reverse_task(tmp_path / "big.jsonl", n=1500)
+    kw = dict(train_file=str(data_file), eval_file=None, eval_split=0.0, dataset_format="auto", max_seq_length=64,
+              seed=0, tokenizer=make_tokenizer())
+    monkeypatch.setenv("FULLSCALE_CACHE", str(cache))
+    spilled = prepare_data(**kw)
+    assert any("not cached" in m for m in spilled.messages)
+    monkeypatch.setenv("FULLSCALE_CACHE", "off")
+    assert spilled.train == prepare_data(**kw).train
 
 
 def test_a_file_size_limit_during_a_checkpoint_keeps_the_committed_ones(tmp_path, tiny_model_dir, reverse_data):

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from fullscale.data.cache import cache_dir
@@ -195,8 +196,8 @@ def _convert_and_tokenize(rows, *, num_rows: int, fmt: str, tokenizer, source: _
     skipped: list[tuple[int, str]] = []
     # The tokens go to unnamed temporary files as they come and are mapped back at the end: the
     # process's resident memory holds a chunk of them at a time, never the whole data.
-    spill = {key: tempfile.TemporaryFile(dir=cache_dir() if cache_dir() and cache_dir().is_dir() else None)
-             for key in ("ids", "labels")}
+    where = cache_dir() if cache_dir() and cache_dir().is_dir() else None   # beside the store, else the temp dir
+    spill = {key: tempfile.TemporaryFile(dir=where) for key in ("ids", "labels")}
     try:
         for result in results:
             if "unstable" in result:
@@ -205,8 +206,8 @@ def _convert_and_tokenize(rows, *, num_rows: int, fmt: str, tokenizer, source: _
             skipped += result["skipped"]
             for key in parts:
                 parts[key].append(result[key])
-            for key, fh in spill.items():
-                result[key].tofile(fh)
+            for key in spill:
+                spill[key] = _spill(spill[key], result[key], where)
         for fh in spill.values():
             fh.flush()
         ids, labels = (_map_back(spill[key], np.int32) for key in ("ids", "labels"))
@@ -229,6 +230,33 @@ def _convert_and_tokenize(rows, *, num_rows: int, fmt: str, tokenizer, source: _
     return _Tokenized(source=source, num_rows=num_rows, skipped=skipped, numbers=numbers, kept=kept,
                       truncated=joined("truncated", bool), tokens=tokens, label_tokens=joined("label_tokens", np.int64),
                       needed=joined("needed", np.int64), block=block, kept_rank=np.cumsum(kept) - 1)
+
+
+def _spill(fh, array, where: Path | None):
+    """Append `array` to the spill file `fh`; returns the file to go on with. When the cache's disk
+    is full, what was written moves to the system's temporary directory and the writing goes on
+    there (a full cache disk never stops a run); a full temporary directory is a DiskSpaceError."""
+    start = fh.tell()
+    try:
+        array.tofile(fh)
+        return fh
+    except OSError as exc:   # numpy says "N requested and M written", without an errno
+        failure = exc
+    from fullscale.checkpoint import disk_error
+
+    if where is None:
+        raise disk_error(Path(tempfile.gettempdir()), failure, what="the tokenized data (temporary files)",
+                         needed=array.nbytes) from None
+    moved = tempfile.TemporaryFile()
+    fh.flush()
+    fh.seek(0)
+    left = start
+    while left:
+        block = fh.read(min(left, 1 << 24))
+        moved.write(block)
+        left -= len(block)
+    fh.close()
+    return _spill(moved, array, None)
 
 
 def _map_back(fh, dtype):
