@@ -83,6 +83,24 @@ def run_cli(*args, fault=None, env_extra=None, timeout=300, wait=True, **popen):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, **popen)
 
 
+def torchrun(*args, nproc: int = 2) -> list[str]:
+    """`torchrun` on `nproc` processes of this machine for `args`, on a port of its own
+    (--standalone), so the launches of tests running side by side never meet."""
+    import shutil
+
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    return [exe, "--standalone", "--nproc_per_node", str(nproc), *map(str, args)]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for `accelerate launch --main_process_port`)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -1,6 +1,6 @@
 """fullscale: the full-scale stage of LoRA fine-tuning, run so that nothing is lost."""
 
-__version__ = "0.1.0"
+from fullscale.version import __version__  # noqa: F401
 
 
 def train(config):
@@ -25,6 +25,13 @@ def load_trained_model(base_model_name, adapter_path, device="cpu", merge_adapte
     from fullscale.export import load_trained_model as _load
 
     return _load(base_model_name, adapter_path, device=device, merge_adapter=merge_adapter, **kwargs)
+
+
+def export_best_model(run_dir, out_dir, *, force=False):
+    """Export a run's best adapter with its tokenizer and model card to `out_dir`; returns the path."""
+    from fullscale.export import export_best_model as _export
+
+    return _export(run_dir, out_dir, force=force)
 
 
 def __getattr__(name):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fullscale import faults
-from fullscale.errors import CheckpointError, DiskSpaceError
+from fullscale.errors import CheckpointError, DiskSpaceError, first_line
 from fullscale.fingerprint import sha256_file
 
 MANIFEST = "manifest.json"
@@ -245,12 +245,6 @@ def unloadable(path: Path) -> str | None:
     return None
 
 
-def first_line(exc: BaseException) -> str:
-    """An exception's first line (its type where it says nothing), for one-line messages."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST).read_text())
 
@@ -414,14 +408,6 @@ class CheckpointManager:
                 _remove_tree(info.path)
                 removed.append(info.step)
         return removed
-
-    # -- export
-    def export_best_model(self, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
-        """Export the run's best adapter (+ tokenizer, chat template, generation config, model card) to
-        `out_dir`, staged and renamed into place: the same code as `fullscale export RUN_DIR --out DIR`."""
-        from fullscale.export import export
-
-        return export(self.run_dir, out_dir, checkpoint="best", force=force).path
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -46,3 +46,9 @@ class DiskSpaceError(UserError):
     """A checkpoint cannot be written (disk full, read-only, no permission). Not bad input, so exit 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (its type where it says nothing), for one-line messages."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

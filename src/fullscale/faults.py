@@ -8,8 +8,8 @@ Points: `micro` (inside an accumulation window), `step` (after the optimizer ste
 logging), `eval` (inside an evaluation), `save_file` (a checkpoint file written, before the
 others), `before_manifest`, `before_rename`, `between_renames` (the old directory moved aside, the new one
 not yet in place: only when a directory is replaced, as best_model/ or an export with --force), `rotation` (while rotating), `enospc` (disk full
-during a checkpoint write), `sigterm` (a SIGTERM to this process after the optimizer step, as
-a scheduler's preemption sends), `sigterm_eval` (a SIGTERM inside an evaluation), `sigterm_startup` (a SIGTERM while the run
+during a checkpoint write), `sigterm` (a SIGTERM to this process during the step, after its
+backward pass, as a scheduler's preemption sends: the step's update still runs, then the save), `sigterm_eval` (a SIGTERM inside an evaluation), `sigterm_startup` (a SIGTERM while the run
 starts, after the data is prepared), `main_error` (the main process fails while it decides on
 the run directory, as a bug there would). Unset in normal runs: each check is one dictionary lookup.
 """

@@ -204,8 +204,8 @@ def versions(*, short_torch: bool = False) -> dict[str, str]:
     import torch
     import transformers
 
-    import fullscale
+    from fullscale.version import __version__
 
-    return {"fullscale": fullscale.__version__, "torch": torch.__version__.split("+")[0] if short_torch
+    return {"fullscale": __version__, "torch": torch.__version__.split("+")[0] if short_torch
             else torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "accelerate": accelerate.__version__}

@@ -9,8 +9,9 @@ Where the guarantees live in a step:
   and processes gives the same gradient;
 - health before the update: `health_decision` sees the global loss and gradient norm (the step's
   one host sync) before the optimizer runs, so a bad update is skipped, rolled back or stops;
-- preemption: `decide_stop` asks every rank (one small all-reduce when distributed) after the
-  update; the checkpoint of `evaluate_and_save` is then written before the process exits;
+- preemption: the signal flag of every rank travels in the step's one reduction (with the loss),
+  and `decide_stop` acts on it after the update; the checkpoint of `evaluate_and_save` is then
+  written before the process exits;
 - exact resume: the loop's position is TrainState (epoch, micro-batch in the epoch, the log
   window), saved with every checkpoint and restored before fit() starts.
 """
@@ -96,8 +97,8 @@ def build_loader(examples: list[dict], index_batches: list[list[int]], *, pad_to
 
 
 class Loop:
-    """The moving parts of fit(): the log window (steps since the last log), the train losses since
-    the last evaluation, timing, and the parts of a step."""
+    """The parts of a step, and what fit() keeps besides the TrainState (which holds the position
+    and the log window): timing, the lengths for grouping, whether a signal came."""
 
     def __init__(self, run):
         self.run, self.config, self.state, self.model = run, run.config, run.state, run.model
@@ -107,16 +108,9 @@ class Loop:
         self.has_eval = bool(run.data.eval)
         self.end = "max_steps" if self.config.max_steps > 0 else "epochs"   # the stop at the end of the schedule
         self.lengths = example_lengths(run.data.train) if self.config.group_by_length else None
-        self.reset_windows()
         self.steps_done, self.start = 0, time.perf_counter()
-
-    def reset_windows(self) -> None:
-        """The log and eval windows as the TrainState holds them (a resume, a rollback)."""
-        s = self.state
-        self.log_losses = list(s.pending_losses)              # per-step losses since the last log
-        self.log_tokens = s.pending_tokens if self.rank == 0 else 0   # real tokens since the last log (this rank)
-        self.eval_losses = list(s.pending_eval_losses)        # train losses since the last evaluation
-        self.log_start = time.perf_counter()
+        self.log_start = self.start   # when the log window began (its tokens per second)
+        self.signalled = False        # a preemption signal on any rank, as of this step's reduction
 
     # -- before the first step
     def begin(self) -> str | None:
@@ -158,7 +152,8 @@ class Loop:
 
     def forward_backward(self, window: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         """Forward and backward of every micro-batch of the window, then the clip; returns the
-        window's global (loss, gradient norm), the step's one host sync."""
+        window's global (loss, gradient norm): the step's one host sync, which also brings whether
+        any rank got a preemption signal (`signalled`, when distributed)."""
         run, world, device = self.run, self.world, self.device
         n_tokens = torch.tensor(float(sum(num_label_tokens(b["labels"]) for b in window)), device=device)
         if world > 1:
@@ -166,7 +161,7 @@ class Loop:
         n_tokens = n_tokens.clamp(min=1.0)
         step_loss = torch.zeros((), device=device)
         for i, batch in enumerate(window):
-            self.log_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
+            self.state.pending_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             last = i == len(window) - 1
             with run.engine.accumulating(last):
@@ -182,9 +177,14 @@ class Loop:
             if not last:
                 faults.hit("micro")
         grad_norm = run.engine.clip_grad_norm(self.params)
-        if world > 1:
-            step_loss = self.acc.reduce(step_loss, reduction="sum")
-        loss, norm = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+        faults.hit("sigterm")   # a signal during the step: its update still runs, then the save
+        if world > 1:   # the loss and the signal flag of every rank, in one all-reduce
+            flag = torch.tensor(float(run.preemption.raised), device=device)
+            step_loss, flag = self.acc.reduce(torch.stack([step_loss.float(), flag]), reduction="sum").unbind()
+            loss, norm, signalled = torch.stack([step_loss, grad_norm.float(), flag]).tolist()
+            self.signalled = signalled > 0
+        else:
+            loss, norm = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
         return loss, norm
 
     def health_decision(self, step: int, loss: float, norm: float):
@@ -203,7 +203,7 @@ class Loop:
         """Back to the newest checkpoint with a lower lr (the windows come back with it); False when
         there is none (the update is then skipped instead)."""
         if self.run.rollback(step) is not None:
-            self.reset_windows()
+            self.log_start = time.perf_counter()   # the log window is the checkpoint's
             return True
         self.run.say(f"no checkpoint to roll back to at step {step}; the update is skipped instead")
         return False
@@ -218,7 +218,7 @@ class Loop:
                 f"{[round(x, 4) for x in list(run.health.grad_norms)[-8:]]}")
         run.monitor.event("health_abort", step, rows=rows, message=events[-1].message,
                           recent_losses=list(run.health.losses)[-8:])
-        run.save_checkpoint(state.step, self.log_losses, self.log_tokens, "health_abort", self.eval_losses)
+        run.save_checkpoint(state.step, "health_abort")
         return "health_abort"
 
     def update(self, step: int, loss: float, n_micro: int, *, apply: bool) -> None:
@@ -231,8 +231,8 @@ class Loop:
         state.step = step
         state.micro_in_epoch += n_micro
         self.steps_done += 1
-        self.log_losses.append(loss)
-        self.eval_losses.append(loss)
+        state.pending_losses.append(loss)
+        state.pending_eval_losses.append(loss)
 
     def after_update(self, step: int, loss: float, norm: float, *, num_batches: int) -> str | None:
         """The live bar, the first step's memory, the fault points, the lr check and, every
@@ -247,7 +247,6 @@ class Loop:
             run.monitor.event("memory", step, phase="after_first_step", **mem)
             run.say(f"memory after the first step: {format_memory(mem)}")
         faults.hit("step")
-        faults.hit("sigterm")
         if faults.active("lr_spike"):
             for group in run.optimizer.param_groups:
                 group["lr"] *= 100.0  # the next update runs at 100x the scheduled rate
@@ -264,20 +263,21 @@ class Loop:
         """The log of the window since the last one (token counts summed over ranks here, once):
         metrics.jsonl, the console, status.json, and the memory check."""
         run, state = self.run, self.state
-        tokens = run.reduce_tokens(self.log_tokens)
+        tokens = run.reduce_tokens(state.pending_tokens)
         now = time.perf_counter()
         tokens_per_s = tokens / max(now - self.log_start, 1e-9)
-        finite = [x for x in self.log_losses if math.isfinite(x)]
+        losses = state.pending_losses
+        finite = [x for x in losses if math.isfinite(x)]
         state.tokens_seen += tokens
         state.train_loss_sum += sum(finite)
         state.train_loss_count += len(finite)
-        state.last_train_loss = self.log_losses[-1]
-        mean_loss = sum(self.log_losses) / len(self.log_losses)   # a NaN step shows as NaN, never hidden
+        state.last_train_loss = losses[-1]
+        mean_loss = sum(losses) / len(losses)   # a NaN step shows as NaN, never hidden
         mem = memory_stats(self.device)
         eta = (now - self.start - run.eval_seconds) / self.steps_done * (run.total_steps - step)
         epoch = state.epoch + state.micro_in_epoch / num_batches   # fractional epochs done
         run.epoch_done, run.logged_loss = epoch, mean_loss
-        run.monitor.event("train", step, loss=mean_loss, step_losses=self.log_losses, learning_rate=lr,
+        run.monitor.event("train", step, loss=mean_loss, step_losses=losses, learning_rate=lr,
                           grad_norm=norm, tokens_per_second=tokens_per_s, epoch=epoch, **mem)
         run.monitor.progress(step, loss=mean_loss, lr=lr, tokens_per_s=tokens_per_s, eta_s=eta,
                              memory=mem, epoch=epoch, grad_norm=norm)
@@ -288,7 +288,7 @@ class Loop:
             run.health_event(event)
             if event.action == "abort":
                 stop = "health_abort"
-        self.log_losses, self.log_tokens, self.log_start = [], 0, time.perf_counter()
+        state.pending_losses, state.pending_tokens, self.log_start = [], 0, time.perf_counter()
         return stop
 
     def decide_stop(self, step: int, stop: str | None) -> str | None:
@@ -297,7 +297,9 @@ class Loop:
         for a signal's resume: its evaluation is marked pending, so the save is quick.)"""
         if step >= self.run.total_steps and stop is None:
             stop = self.end
-        if self.run.preemption.agreed(self.acc, self.device) and stop in (None, self.end):
+        # Distributed: the flags came with the step's reduction; one process: its own flag (no sync).
+        signalled = self.signalled if self.world > 1 else self.run.preemption.agreed(self.acc, self.device)
+        if signalled and stop in (None, self.end):
             stop = "preempted"
         return stop
 
@@ -315,9 +317,9 @@ class Loop:
         if due and stop not in ("preempted", "health_abort"):
             result = run.evaluate(step)
             self.model.train()
-            finite = [x for x in self.eval_losses if math.isfinite(x)]
+            finite = [x for x in state.pending_eval_losses if math.isfinite(x)]
             train_mean = sum(finite) / len(finite) if finite else None
-            self.eval_losses = []
+            state.pending_eval_losses = []
             for event in run.health.check_eval(step=step, eval_loss=result.eval_loss, train_loss=train_mean):
                 run.health_event(event)
                 if event.action == "abort":
@@ -327,7 +329,7 @@ class Loop:
             if run.preemption.agreed(self.acc, self.device) and stop is None:  # a signal during evaluation
                 stop = "preempted"   # a stop this step already decided is never replaced
         if save or step % config.save_steps == 0 or stop is not None:
-            run.save_checkpoint(step, self.log_losses, self.log_tokens, stop, self.eval_losses)
+            run.save_checkpoint(step, stop)
         self.log_start += time.perf_counter() - t0
         return stop
 

@@ -2,7 +2,8 @@
 
 Schedulers send SIGTERM before they kill a job (Slurm with --signal, Kubernetes at the start of
 terminationGracePeriodSeconds); Ctrl-C sends SIGINT. The handler only records the signal; the
-loop checks the flag at step boundaries (all ranks agree through one all-reduce) and saves.
+loop checks the flag at step boundaries (every rank's flag travels in the step's loss reduction,
+so all agree) and saves.
 A second signal while saving is ignored, so it cannot corrupt the checkpoint being written.
 """
 
@@ -59,6 +60,11 @@ class PreemptionFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    @property
+    def raised(self) -> bool:
+        """A signal came to this process."""
+        return self.signum is not None
 
     def agreed(self, accelerator, device) -> bool:
         """True on every rank when any rank got a signal (one small all-reduce when distributed)."""

@@ -19,7 +19,7 @@ def prompt_format(fmt: str, *, alpaca: tuple[str, str | None] | None = None) -> 
     for a mix, ...) and, for alpaca, the templates."""
     record: dict = {"format": fmt}
     if "alpaca" in fmt.split("+"):
-        from fullscale.data import alpaca_templates
+        from fullscale.data.formats import alpaca_templates
 
         record["alpaca_template"], record["alpaca_template_with_input"] = alpaca or alpaca_templates()
     return record
@@ -68,7 +68,7 @@ def encode_prompt(tokenizer, prompt: str | list[dict], record: dict | None) -> t
     if not isinstance(prompt, str):
         prompt = "\n".join(m["content"] for m in prompt)
     if formats[0] == "alpaca":
-        from fullscale.data import format_alpaca_prompt
+        from fullscale.data.formats import format_alpaca_prompt
 
         templates = (record["alpaca_template"], record.get("alpaca_template_with_input"))
         return tokenizer(format_alpaca_prompt(instruction=prompt, templates=templates),

@@ -25,7 +25,7 @@ from typing import Any
 
 from fullscale.errors import UserError
 from fullscale.status import check_run_dir, collect_status, read_json, read_metrics, to_json
-from fullscale.units import format_size
+from fullscale.units import format_number, format_size
 
 MAX_POINTS = 4000          # per curve; longer curves keep each bucket's min and max (spikes stay visible)
 MAX_EVENT_LABELS = 8       # labelled markers per plot; further events are drawn unlabelled
@@ -282,22 +282,6 @@ def _esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _fmt(x: Any, fmt: str = ".4f") -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return str(x)
-        return format(x, fmt)
-    if isinstance(x, (list, dict)):
-        import json
-
-        return json.dumps(x)
-    return str(x)
-
-
 def _table(headers: list[str], rows: list[list[Any]], *, numeric: set[int] = frozenset()) -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in headers)
     body = "".join(
@@ -309,20 +293,20 @@ def _table(headers: list[str], rows: list[list[Any]], *, numeric: set[int] = fro
 def _cards(s: dict[str, Any]) -> str:
     from fullscale.units import format_duration
 
-    step = f"{_fmt(s['step'])} / {s['total_steps'] if s['total_steps'] is not None else '?'}"
+    step = f"{format_number(s['step'], '.4f')} / {s['total_steps'] if s['total_steps'] is not None else '?'}"
     if s["progress"] is not None:
         step += f" ({100 * s['progress']:.0f}%)"
-    best = "-" if s["best_eval_loss"] is None else f"{_fmt(s['best_eval_loss'])} @ {s['best_step']}"
+    best = "-" if s["best_eval_loss"] is None else f"{format_number(s['best_eval_loss'], '.4f')} @ {s['best_step']}"
     items = [
         ("step", step),
-        ("epoch", _fmt(s["epoch"], ".2f")),
-        ("train loss (last log)", _fmt(s["train_loss"])),
-        ("last eval loss", _fmt(s["last_eval_loss"])),
+        ("epoch", format_number(s["epoch"], ".2f")),
+        ("train loss (last log)", format_number(s["train_loss"], ".4f")),
+        ("last eval loss", format_number(s["last_eval_loss"], ".4f")),
         ("best eval loss", best),
         ("tokens/s", "-" if s["tokens_per_second"] is None else f"{s['tokens_per_second']:,.0f}"),
         ("elapsed", "-" if s["elapsed_seconds"] is None else format_duration(s["elapsed_seconds"])),
         ("ETA", "-" if s["eta_seconds"] is None else format_duration(s["eta_seconds"])),
-        ("peak memory", "-" if s["peak_memory_gb"] is None else f"{_fmt(s['peak_memory_gb'], '.2f')} GB"),
+        ("peak memory", "-" if s["peak_memory_gb"] is None else f"{format_number(s['peak_memory_gb'], '.2f')} GB"),
         ("resumes", str(s["num_resumes"] or 0)),
         ("health events", str(s["health"]["count"])),
         ("stop reason", s["stop_reason"] or "-"),
@@ -346,11 +330,11 @@ def _checkpoint_table(run_dir: Path, s: dict[str, Any]) -> str:
         if info.reason:
             notes.append(f'<span class="bad">{_esc(info.reason)}</span>')
         valid = {True: "yes", False: '<span class="bad">NO</span>', None: "yes (unverified)"}[info.valid]
-        rows.append([f"checkpoint-{info.step}", _esc(_fmt(info.eval_loss)), _esc(format_size(info.size)), valid,
-                     ", ".join(notes)])
+        rows.append([f"checkpoint-{info.step}", _esc(format_number(info.eval_loss, ".4f")),
+                     _esc(format_size(info.size)), valid, ", ".join(notes)])
     if (run_dir / "best_model").is_dir():
-        rows.append(["best_model/", _esc(_fmt(s["best_eval_loss"])), _esc(format_size(c["best_model_bytes"])),
-                     "", _esc(f"the best adapter (step {s['best_step']})")])
+        rows.append(["best_model/", _esc(format_number(s["best_eval_loss"], ".4f")),
+                     _esc(format_size(c["best_model_bytes"])), "", _esc(f"the best adapter (step {s['best_step']})")])
     if not rows:
         return "<p>No checkpoints yet.</p>"
     return (_table(["checkpoint", "eval loss", "size", "valid", "notes"], rows, numeric={1, 2})
@@ -361,8 +345,9 @@ def _events_tables(s: dict[str, Any], records: list[dict[str, Any]]) -> str:
     out = []
     health = [r for r in records if r.get("event") == "health"]
     if health:
-        rows = [[_esc(r.get("step")), _esc(r.get("detector")), _esc(r.get("action")), _esc(_fmt(r.get("value"), ".4g")),
-                 _esc(r.get("message", ""))] for r in health[-MAX_TABLE_ROWS:]]
+        rows = [[_esc(r.get("step")), _esc(r.get("detector")), _esc(r.get("action")),
+                 _esc(format_number(r.get("value"), ".4g")), _esc(r.get("message", ""))]
+                for r in health[-MAX_TABLE_ROWS:]]
         more = f" (the last {MAX_TABLE_ROWS} of {len(health)})" if len(health) > MAX_TABLE_ROWS else ""
         out.append(f"<h3>Health events{more}</h3>"
                    + _table(["step", "detector", "action", "value", "message"], rows, numeric={0, 3}))
@@ -378,7 +363,7 @@ def _events_tables(s: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 
 def _key_value_table(data: dict[str, Any], fmt: str = ".4g") -> str:
-    rows = [[f"<code>{_esc(k)}</code>", _esc(_fmt(v, fmt))] for k, v in data.items()]
+    rows = [[f"<code>{_esc(k)}</code>", _esc(format_number(v, fmt))] for k, v in data.items()]
     return _table(["key", "value"], rows)
 
 

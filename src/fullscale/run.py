@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,9 @@ from fullscale.units import format_number
 
 @dataclass
 class TrainState:
-    """Where the run is; saved in every checkpoint (trainer_state.json)."""
+    """Where the run is: the loop's position, the log window and the run's counters. fit() works on
+    it directly, and a checkpoint is its state_dict() (trainer_state.json "train_state"), so a
+    resume continues from the same values, the log window included."""
 
     step: int = 0
     epoch: int = 0
@@ -49,10 +51,20 @@ class TrainState:
     last_train_loss: float | None = None
     last_eval_loss: float | None = None
     num_resumes: int = 0
-    pending_losses: list[float] = field(default_factory=list)  # per-step losses not yet logged
-    pending_tokens: int = 0
+    pending_losses: list[float] = field(default_factory=list)  # the log window: per-step losses not yet logged
+    pending_tokens: int = 0          # real tokens of the log window, this rank's (one rank holds them after a save)
     pending_eval_losses: list[float] = field(default_factory=list)  # train losses since the last evaluation
     eval_pending: bool = False       # saved at an eval step before its evaluation ran (a signal came first)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """In place (fit() and the Run hold this object); a key an older checkpoint lacks keeps its default."""
+        fresh = TrainState()
+        for f in fields(self):
+            value = saved.get(f.name, getattr(fresh, f.name))
+            setattr(self, f.name, list(value) if isinstance(value, list) else value)
 
 
 def set_seed(seed: int) -> None:
@@ -273,22 +285,22 @@ class Run:
             model.save_pretrained(directory, state_dict=adapter)
 
     # -- checkpoints
-    def save_checkpoint(self, step: int, pending: list[float], pending_tokens: int, stop_reason: str | None,
-                        eval_losses: list[float] | None = None) -> None:
-        """Every rank calls this (RNG states and pending token counts are gathered); rank 0 writes."""
+    def save_checkpoint(self, step: int, stop_reason: str | None) -> None:
+        """Every rank calls this (RNG states and the log window's token counts are gathered); rank 0 writes."""
         from accelerate.utils import gather_object
 
         acc = self.accelerator
         rngs = gather_object([rng_state()]) if acc.num_processes > 1 else [rng_state()]
-        self.state.pending_losses, self.state.pending_tokens = list(pending), self.reduce_tokens(pending_tokens)
-        self.state.pending_eval_losses = list(eval_losses or [])
+        # The window's tokens, summed: the main process holds them from here on (the sum is unchanged).
+        tokens = self.reduce_tokens(self.state.pending_tokens)
+        self.state.pending_tokens = tokens if self.is_main else 0
         # Under FSDP or DeepSpeed, gather the adapter and the optimizer states on every rank (collectives).
         adapter = self.engine.gathered_adapter()
         optimizer_state = self.engine.gathered_optimizer_state()
         self.state.train_seconds, self._time_base = self.elapsed(), time.perf_counter()
         failure: Exception | None = None
         if self.is_main:
-            payload = {"train_state": asdict(self.state), "early_stopping": self.stopper.state_dict(),
+            payload = {"train_state": self.state.state_dict(), "early_stopping": self.stopper.state_dict(),
                        "health": self.health.state_dict(),
                        "config": self.config.to_dict(), "fingerprints": self.fingerprints,
                        "total_steps": self.total_steps, "last_eval_loss": self.state.last_eval_loss,
@@ -347,8 +359,9 @@ class Run:
         else:
             self.say(f"{rng_file.name} not in {path.name} (the run now has more processes); dropout of this "
                      "rank continues from a fresh seed, so the run is no longer bitwise exact")
-        # In place: fit() holds a reference to this object.
-        vars(self.state).update(vars(TrainState(**saved["train_state"])))
+        self.state.load_state_dict(saved["train_state"])
+        if not self.is_main:
+            self.state.pending_tokens = 0   # the saved count is the window's sum over ranks
         self.stopper.load_state_dict(saved["early_stopping"])
         if "health" in saved:
             self.health = HealthMonitor(self.config, total_steps=self.total_steps,

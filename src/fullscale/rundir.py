@@ -128,7 +128,7 @@ def claim(run_dir: Path) -> None:
 
 
 def _write_marker(run_dir: Path) -> None:
-    from fullscale import __version__
+    from fullscale.version import __version__
 
     body = {"created": time.time(), "host": socket.gethostname(), "pid": os.getpid(), "fullscale": __version__}
     try:

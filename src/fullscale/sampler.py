@@ -59,6 +59,15 @@ def steps_per_epoch(num_examples: int, *, global_batch_size: int, num_processes:
                                              num_processes=num_processes) / accumulation)
 
 
+def run_length(num_examples: int, *, global_batch_size: int, num_processes: int, accumulation: int,
+               max_steps: int, num_epochs: float) -> tuple[int, int]:
+    """(optimizer steps per epoch, optimizer steps of the run): max_steps when set, else the epochs'
+    steps (at least one). What the run trains and what the plan counts, from one place."""
+    per_epoch = steps_per_epoch(num_examples, global_batch_size=global_batch_size, num_processes=num_processes,
+                                accumulation=accumulation)
+    return per_epoch, (max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * per_epoch)))
+
+
 def _group_by_length(order: list[int], lengths: list[int], *, seed: int, epoch: int,
                      global_batch_size: int) -> list[int]:
     """The order with each span of GROUP_SPAN micro-batches sorted by length (longest first, ties

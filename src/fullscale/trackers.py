@@ -58,7 +58,7 @@ class Trackers:
             try:
                 self._start(tracker, state, name, config)
             except Exception as exc:  # noqa: BLE001 - the library's own error, said in one line
-                from fullscale.checkpoint import first_line
+                from fullscale.errors import first_line
 
                 self.close()
                 raise ConfigError(f"report_to: {tracker} cannot start a run: {first_line(exc)}. Fix its settings "
@@ -106,7 +106,7 @@ class Trackers:
         try:
             call()
         except Exception as exc:  # noqa: BLE001
-            from fullscale.checkpoint import first_line
+            from fullscale.errors import first_line
 
             print(f"warning: report_to {tracker} failed ({first_line(exc)}); it gets nothing more from this run "
                   "(metrics.jsonl and TensorBoard have everything)", file=sys.stderr)

@@ -69,12 +69,6 @@ def resolve_num_workers(config: Config, device: torch.device, num_processes: int
     return min(int(config.dataloader_num_workers), cores)
 
 
-def total_steps_for(config: Config, steps_in_epoch: int) -> int:
-    if config.max_steps > 0:
-        return config.max_steps
-    return max(1, math.ceil(config.num_train_epochs * steps_in_epoch))
-
-
 def build_optimizer(model, config: Config):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -327,13 +321,13 @@ def build_model_and_optimizer(launch: Launch, data, choices, fps: dict[str, Any]
         console.print(launch.fsdp.describe())
     optimizer = build_optimizer(model, config)
     global_batch = config.per_device_train_batch_size * world
-    micro_per_epoch = sampler.micro_batches_per_epoch(len(data.train), global_batch_size=global_batch,
-                                                      num_processes=world)
-    if micro_per_epoch == 0:
+    steps_in_epoch, total_steps = sampler.run_length(
+        len(data.train), global_batch_size=global_batch, num_processes=world,
+        accumulation=config.gradient_accumulation_steps, max_steps=config.max_steps,
+        num_epochs=config.num_train_epochs)
+    if steps_in_epoch == 0:
         raise ConfigError(f"the train data has {len(data.train)} examples, fewer than one batch across {world} "
                           "processes; add data or lower per_device_train_batch_size")
-    steps_in_epoch = math.ceil(micro_per_epoch / config.gradient_accumulation_steps)
-    total_steps = total_steps_for(config, steps_in_epoch)
     scheduler = build_scheduler(optimizer, config, total_steps)
     if launch.deepspeed is not None:
         model, optimizer = zero.initialize(model, optimizer, launch.deepspeed, config)

@@ -8,14 +8,19 @@ from typing import Any
 
 
 def format_number(x: Any, fmt: str = ".4g") -> str:
-    """A number as text: '-' for None, nan/inf shown as such (never hidden), else `fmt`."""
+    """A value as text: '-' for None, yes/no for a bool, an int as it is, a float by `fmt` (nan and
+    inf shown as such, never hidden), a list or mapping as JSON."""
     if x is None:
         return "-"
     if isinstance(x, bool):
         return "yes" if x else "no"
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
+    if isinstance(x, float):
+        return format(x, fmt) if math.isfinite(x) else str(x)
+    if isinstance(x, (list, dict)):
+        import json
+
+        return json.dumps(x)
+    return str(x)
 
 
 def format_size(n: int | float | None) -> str:

@@ -2,14 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import read_metrics, step_losses
+from conftest import read_metrics, step_losses, torchrun
 
 ROOT = Path(__file__).parents[2]
 
@@ -100,9 +99,8 @@ def test_two_processes_under_torchrun_match_one_process_at_the_same_effective_ba
     one = write_yaml(tmp_path / "one.yaml", output_dir=str(tmp_path / "one"), **dict(common, per_device_train_batch_size=8))
     two = write_yaml(tmp_path / "two.yaml", output_dir=str(tmp_path / "two"), **common)
     assert run_cli("train", one).returncode == 0
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "fullscale", "train", str(two)],
+    proc = subprocess.run(torchrun("-m", "fullscale", "train", two),
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")

@@ -181,10 +181,10 @@ def test_export_is_byte_identical_when_repeated_and_refuses_to_overwrite_without
         assert code == 2 and "--force" in capsys.readouterr().err
         export(run_dir, a, merge=merge, force=True)
         assert files(a) == files(b)
-    # The manager's export of the best model is the same export.
-    from fullscale.checkpoint import CheckpointManager
+    # The API's export of the best model is the same export.
+    import fullscale
 
-    assert files(CheckpointManager(run_dir).export_best_model(tmp_path / "c")) == files(tmp_path / "aFalse")
+    assert files(fullscale.export_best_model(run_dir, tmp_path / "c")) == files(tmp_path / "aFalse")
 
 
 def test_an_export_never_replaces_the_run_itself(run, capsys):

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_cli, step_losses
+from conftest import free_port, read_metrics, run_cli, step_losses, torchrun
 
 ROOT = Path(__file__).parents[2]
 EXIT_PREEMPTED = 75
@@ -216,15 +216,12 @@ def test_resume_command_continues_with_the_saved_config(tmp_path, tiny_model_dir
 
 
 def run_torchrun(cfg, *, fault=None, env_extra=None):
-    import shutil
-
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", **(env_extra or {}))
     env.pop("FULLSCALE_FAULT", None)
     if fault:
         env["FULLSCALE_FAULT"] = fault
-    return subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "fullscale", "train", str(cfg)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(torchrun("-m", "fullscale", "train", cfg), capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
 @pytest.mark.slow
@@ -302,7 +299,8 @@ def run_accelerate(config_name, cfg, *, fault=None):
     if fault:
         env["FULLSCALE_FAULT"] = fault
     return subprocess.run([accelerate, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config_name),
-                           "--num_processes", "2", "-m", "fullscale", "train", str(cfg)],
+                           "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "fullscale",
+                           "train", str(cfg)],
                           capture_output=True, text=True, env=env, timeout=300)
 
 

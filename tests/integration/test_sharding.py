@@ -2,19 +2,17 @@
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from conftest import torchrun
 
 ROOT = Path(__file__).parents[2]
 
 
 def test_full_states_round_trip_through_uneven_fsdp_shards():
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([torchrun, "--nproc_per_node", "2", str(Path(__file__).parent / "scripts" /
-                                                                  "sharded_state_roundtrip.py")],
+    proc = subprocess.run(torchrun(Path(__file__).parent / "scripts" / "sharded_state_roundtrip.py"),
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     # The two ranks share the pipe: their lines may interleave.

@@ -4,7 +4,6 @@ ShareGPT rows and column mapping, the plan's data row."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import run_cli as cli
-from conftest import write_reverse_task
+from conftest import torchrun, write_reverse_task
 
 ROOT = Path(__file__).parents[2]
 
@@ -109,8 +108,8 @@ def test_under_torchrun_the_data_is_tokenized_once_per_node(tmp_path, tiny_model
                                        gradient_checkpointing=False, max_seq_length=64,
                                        per_device_train_batch_size=2)))
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1", FULLSCALE_CACHE=str(tmp_path / "c"))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fullscale",
-                           "train", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(torchrun("-m", "fullscale", "train", cfg), capture_output=True, text=True, env=env,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data: tokenized by 1 of 2 processes" in proc.stdout
     assert len(list((tmp_path / "c" / "tokenized").glob("*.store"))) == 1

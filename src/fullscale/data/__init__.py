@@ -32,7 +32,7 @@ from fullscale.data.formats import (
     detect_format,
     format_alpaca_prompt,
 )
-from fullscale.data.prepare import mixed_count, prepare_data, prepare_for, prepare_mix
+from fullscale.data.prepare import eval_split_size, mixed_count, prepare_data, prepare_for, prepare_mix
 from fullscale.data.readers import SUPPORTED_FILES, count_rows, dataset_fingerprint, load_rows
 from fullscale.data.records import IGNORE_INDEX, INVALID_ROWS, DataStats, PreparedData
 from fullscale.data.tokenize import PARALLEL_MIN_ROWS, num_data_workers
@@ -42,6 +42,6 @@ __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "CACHE_VERSION", "CHAT_FORMATS", "FORMATS", "IGNORE_INDEX",
     "INVALID_ROWS", "PARALLEL_MIN_ROWS", "REQUIRED_COLUMNS", "SUPPORTED_FILES", "DataStats", "alpaca_templates", "PackingStats",
     "PreparedData", "cache_dir", "cache_key", "collate", "collate_packed", "count_rows", "dataset_fingerprint",
-    "detect_format", "format_alpaca_prompt", "load_rows", "mixed_count", "num_data_workers", "pack_examples",
+    "detect_format", "eval_split_size", "format_alpaca_prompt", "load_rows", "mixed_count", "num_data_workers", "pack_examples",
     "prepare_data", "prepare_for", "prepare_mix", "tokenizer_fingerprint",
 ]

@@ -10,6 +10,8 @@ from pathlib import Path
 from fullscale.config import is_hub_name
 from fullscale.data.readers import dataset_fingerprint
 from fullscale.data.records import DataStats, PreparedData
+from fullscale.data.store import open_splits
+from fullscale.data.store import write as write_store
 from fullscale.fingerprint import cache_root, digest_path, tokenizer_fingerprint
 
 # --------------------------------------------------------------------------------------
@@ -83,21 +85,17 @@ def _return_freed_memory() -> None:
 
 
 def _save_cached(path: Path, key: str, data: PreparedData, *, files: dict[str, str | None]) -> None:
-    from fullscale.data import store as tokenstore  # noqa: the submodule
-
     meta = {"version": CACHE_VERSION, "key": key, "format": data.format, "has_eval": data.eval is not None,
             "train_stats": asdict(data.train_stats),
             "eval_stats": asdict(data.eval_stats) if data.eval_stats is not None else None,
             "messages": list(data.messages), "files": files}
-    tokenstore.write(path, {"train": data.train, "eval": data.eval}, meta)
+    write_store(path, {"train": data.train, "eval": data.eval}, meta)
 
 
 def _load_cached(path: Path, key: str, *, files: dict[str, str | None]) -> PreparedData:
     """The cached result, memory-mapped (fullscale.data.store); its messages name this call's files
     (the same contents may have been cached from another directory)."""
-    from fullscale.data import store as tokenstore  # noqa: the submodule
-
-    meta, splits = tokenstore.open_splits(path)
+    meta, splits = open_splits(path)
     if meta.get("version") != CACHE_VERSION or meta.get("key") != key:
         raise ValueError("written by another version, or for other data")
     if "train" not in splits or (meta["has_eval"] and "eval" not in splits):

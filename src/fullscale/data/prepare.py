@@ -100,6 +100,14 @@ def run_alpaca_templates(config) -> tuple[str, str | None] | None:
     return alpaca_templates(config.alpaca_template, config.alpaca_template_with_input)
 
 
+def eval_split_size(num: int, eval_split: float) -> int:
+    """Rows held out of `num` valid rows for evaluation: ceil(num * eval_split), at least one, and
+    at least one left to train on (none below two rows)."""
+    if eval_split <= 0 or num < 2:
+        return 0
+    return min(num - 1, max(1, math.ceil(num * eval_split)))
+
+
 def mixed_count(num: int, weight: float) -> int:
     """Examples a source of `num` examples gives an epoch at `weight`: every one floor(weight)
     times, plus a seeded sample of the fraction (at least one example from a source that has any)."""
@@ -333,7 +341,7 @@ def _prepare(*, train_file, eval_file, eval_split: float, dataset_format: str, m
         order = list(range(n))
         random.Random(seed).shuffle(order)
         held = np.zeros(n, dtype=bool)
-        held[order[: min(n - 1, max(1, math.ceil(n * eval_split)))]] = True
+        held[order[:eval_split_size(n, eval_split)]] = True
         out = everything[held]
         parts = [(train_tok, everything[~held], f"{train_source.path} (train split)", num_rows - len(out),
                   train_tok.skipped),

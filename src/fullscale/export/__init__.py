@@ -53,6 +53,7 @@ from fullscale.export.write import (  # noqa: F401
     CARD,
     ExportResult,
     export,
+    export_best_model,
     EXPORT_KIND,
     is_export,
     recover_export,

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import yaml
 
+from fullscale.export.source import Source
+from fullscale.export.verify import Verification
 from fullscale.fingerprint import versions
 
-if TYPE_CHECKING:
-    from fullscale.export.write import ExportResult
+
+@dataclass
+class ExportResult:
+    """What an export wrote and where it came from: the card and the provenance describe it."""
+
+    path: Path
+    source: Source
+    merged: bool
+    dtype: str | None = None
+    verification: Verification | None = None
+    notes: list[str] = field(default_factory=list)
+    prompt_format: dict | None = None   # how the run's prompts looked (prompt_format.json)
+    base_id: str | None = None          # the base as recorded for others: a hub id (portable) or the local path
+
 
 # ----------------------------------------------------------------------------- provenance and model card
 

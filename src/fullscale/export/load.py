@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fullscale import checkpoint as ckpt
-from fullscale.checkpoint import first_line
+from fullscale.errors import first_line
 from fullscale.errors import CheckpointError, ModelError
 from fullscale.model import load_tokenizer_from
 from fullscale.export.source import (Source, _device, _is_merged_dir, _named_dtype, resolve_base, resolve_dtype,

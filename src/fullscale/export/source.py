@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from fullscale import checkpoint as ckpt
-from fullscale.checkpoint import first_line
+from fullscale.errors import first_line
 from fullscale.errors import CheckpointError, ModelError, UserError
 from fullscale.fingerprint import model_matches, tokenizer_files_fingerprint
 

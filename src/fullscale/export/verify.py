@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from fullscale.checkpoint import first_line
+from fullscale.errors import first_line
 from fullscale.errors import UserError
 from fullscale.loss import perplexity
 from fullscale.model import load_tokenizer_from

@@ -8,36 +8,23 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from fullscale import checkpoint as ckpt
-from fullscale.checkpoint import first_line
-from fullscale.errors import ModelError
+from fullscale.errors import ModelError, first_line
 from fullscale.fingerprint import TOKENIZER_FILES, tokenizer_files_fingerprint
 from fullscale.model import load_tokenizer_from
 from fullscale.prompts import read_prompt_format, write_prompt_format
-from fullscale.export.card import model_card, provenance
+from fullscale.export.card import ExportResult, model_card, provenance
 from fullscale.export.source import (ADAPTER_FILES, DTYPE_NAMES, ExportError, Source, _device, _read_json,
                                      quantization_of, resolve_base, resolve_dtype, resolve_source)
-from fullscale.export.verify import Verification, _write_merged
+from fullscale.export.verify import _write_merged
 
 log = logging.getLogger("fullscale")
 
 CARD = "README.md"
 
-
-@dataclass
-class ExportResult:
-    path: Path
-    source: Source
-    merged: bool
-    dtype: str | None = None
-    verification: Verification | None = None
-    notes: list[str] = field(default_factory=list)
-    prompt_format: dict | None = None   # how the run's prompts looked (prompt_format.json)
-    base_id: str | None = None          # the base as recorded for others: a hub id (portable) or the local path
 
 
 def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint: str | int = "best",
@@ -101,6 +88,12 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint
         raise
     return result
 
+
+
+def export_best_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
+    """Export the run's best adapter (+ tokenizer, chat template, generation config, model card) to
+    `out_dir`, staged and renamed into place: the same as `fullscale export RUN_DIR --out DIR`."""
+    return export(run_dir, out_dir, checkpoint="best", force=force).path
 
 def _check_output(out: Path, source: Source, *, force: bool) -> None:
     """Refuse an --out that would replace the source or the run (even with --force), or an existing one."""

@@ -137,24 +137,22 @@ def count_steps(config: Config, *, num_processes: int) -> tuple[int, int, int]:
     """(optimizer steps, evaluations, batches per evaluation) of the run, from the row counts."""
     from fullscale import sampler
     from fullscale.config import train_sources
-    from fullscale.data import count_rows, mixed_count
+    from fullscale.data import count_rows, eval_split_size, mixed_count
 
     sources = train_sources(config)
     num_train = num_eval = 0
     for source in sources:   # each source holds out its own eval_split (a mix), then counts at its weight
         rows = count_rows(source["path"], dataset_config=source["dataset_config"],
                           dataset_split=source["dataset_split"])
-        held = 0
-        if not config.eval_file and config.eval_split > 0 and rows > 1:
-            held = min(rows - 1, max(1, math.ceil(rows * config.eval_split)))
+        held = 0 if config.eval_file else eval_split_size(rows, config.eval_split)
         num_eval += held
         num_train += mixed_count(rows - held, source["weight"])
     if config.eval_file:
         num_eval = count_rows(config.eval_file)
     global_batch = config.per_device_train_batch_size * num_processes
-    per_epoch = sampler.steps_per_epoch(num_train, global_batch_size=global_batch, num_processes=num_processes,
-                                        accumulation=config.gradient_accumulation_steps)
-    steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * per_epoch))
+    _, steps = sampler.run_length(num_train, global_batch_size=global_batch, num_processes=num_processes,
+                                  accumulation=config.gradient_accumulation_steps, max_steps=config.max_steps,
+                                  num_epochs=config.num_train_epochs)
     evals = ((steps // config.eval_steps) if config.eval_steps else 0) + 2 if num_eval else 0
     batches = math.ceil(num_eval / (config.per_device_eval_batch_size * num_processes)) if num_eval else 0
     return steps, evals, batches
