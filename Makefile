@@ -18,11 +18,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fullscale train
 
+# The tests run in parallel, one worker per core (pytest-xdist); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -22,6 +22,13 @@ def write_reverse_task(path: Path, n: int = 96, seed: int = 0) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """With parallel workers (make test), the long tests (marked slow) start first, so no worker
+    is left alone with one at the end. The order is the same in every worker, as xdist requires."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama + char tokenizer saved with save_pretrained, as a user would bring it."""
