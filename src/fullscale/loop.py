@@ -30,6 +30,19 @@ from fullscale.monitor import format_memory, memory_stats
 
 _SEVERITY = {"warn": 0, "skip": 1, "rollback": 2, "abort": 3}
 
+# The stop reasons, strongest first: a step's decisions meet in stronger(), so a later one never
+# replaces a stronger one. A health abort always wins; a signal beats the end of the schedule (the
+# end's evaluation then waits for the resume, so the save is quick); the end beats early stopping
+# decided at the same step.
+STOP_PRECEDENCE = ("health_abort", "preempted", "max_steps", "epochs", "early_stopping")
+
+
+def stronger(stop: str | None, new: str | None) -> str | None:
+    """The stop reason that stands when `new` is decided after `stop` (None: go on)."""
+    if stop is None or new is None:
+        return stop or new
+    return min(stop, new, key=STOP_PRECEDENCE.index)
+
 
 def fit(run) -> str:
     """The training loop over `run` (a fullscale.run.Run); returns the stop reason."""
@@ -256,7 +269,7 @@ class Loop:
             if event.action == "abort":
                 stop = "health_abort"
         if step % self.config.logging_steps == 0 or step == run.total_steps:
-            stop = self.log(step, lr, norm, num_batches=num_batches) or stop
+            stop = stronger(stop, self.log(step, lr, norm, num_batches=num_batches))
         return stop
 
     def log(self, step: int, lr: float, norm: float, *, num_batches: int) -> str | None:
@@ -292,16 +305,13 @@ class Loop:
         return stop
 
     def decide_stop(self, step: int, stop: str | None) -> str | None:
-        """The stop reason, by a fixed precedence: a stop this step decided (a health abort) is
-        kept; else a preemption signal on any rank; else the end of the schedule. (The end waits
-        for a signal's resume: its evaluation is marked pending, so the save is quick.)"""
-        if step >= self.run.total_steps and stop is None:
-            stop = self.end
+        """The stop reason after the update, by STOP_PRECEDENCE: what the step's checks decided (a
+        health abort), a preemption signal on any rank, the end of the schedule."""
+        if step >= self.run.total_steps:
+            stop = stronger(stop, self.end)
         # Distributed: the flags came with the step's reduction; one process: its own flag (no sync).
         signalled = self.signalled if self.world > 1 else self.run.preemption.agreed(self.acc, self.device)
-        if signalled and stop in (None, self.end):
-            stop = "preempted"
-        return stop
+        return stronger(stop, "preempted") if signalled else stop
 
     def evaluate_and_save(self, step: int, stop: str | None, *, save: bool = False) -> str | None:
         """Evaluate at eval_steps and once at the end; save at save_steps and at the end, after the
@@ -324,10 +334,12 @@ class Loop:
                 run.health_event(event)
                 if event.action == "abort":
                     stop = "health_abort"
-            if run.stopper.should_stop and stop is None:
-                stop = "early_stopping"
-            if run.preemption.agreed(self.acc, self.device) and stop is None:  # a signal during evaluation
-                stop = "preempted"   # a stop this step already decided is never replaced
+            if run.stopper.should_stop:
+                stop = stronger(stop, "early_stopping")
+            # A signal during the evaluation stops a run that would go on; a run this step ends
+            # (any stop already decided) is saved as finished, with nothing left to resume.
+            if stop is None and run.preemption.agreed(self.acc, self.device):
+                stop = "preempted"
         if save or step % config.save_steps == 0 or stop is not None:
             run.save_checkpoint(step, stop)
         self.log_start += time.perf_counter() - t0
