@@ -34,11 +34,12 @@ def evaluate(model, batches, *, accelerator, head=None) -> EvalResult:
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     num_tokens = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        with head.only_labelled(batch["labels"]) if head else contextlib.nullcontext():
+        labels = batch["labels"]   # on the host: the labelled positions are found there (no device sync)
+        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids")
+                  if k in batch}
+        with head.only_labelled(labels) if head else contextlib.nullcontext():
             logits = model(**inputs, use_cache=False).logits
-        total, count = token_loss_sum(logits, batch["labels"])
+        total, count = token_loss_sum(logits, labels)
         loss_sum += total.double()
         num_tokens += count
         del logits

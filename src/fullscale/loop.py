@@ -168,19 +168,21 @@ class Loop:
         window's global (loss, gradient norm): the step's one host sync, which also brings whether
         any rank got a preemption signal (`signalled`, when distributed)."""
         run, world, device = self.run, self.world, self.device
-        n_tokens = torch.tensor(float(sum(num_label_tokens(b["labels"]) for b in window)), device=device)
+        # torch.full, not torch.tensor: a fill on the device, no host-to-device copy that would wait for it.
+        n_tokens = torch.full((), float(sum(num_label_tokens(b["labels"]) for b in window)), device=device)
         if world > 1:
             n_tokens = self.acc.reduce(n_tokens, reduction="sum")
         n_tokens = n_tokens.clamp(min=1.0)
         step_loss = torch.zeros((), device=device)
         for i, batch in enumerate(window):
             self.state.pending_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            labels = batch["labels"]   # kept on the host: the labelled positions are found there, no sync
+            inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
             last = i == len(window) - 1
             with run.engine.accumulating(last):
-                with run.head.only_labelled(batch["labels"]):
-                    logits = self.model(**model_inputs(batch), use_cache=False).logits  # (N labelled, V)
-                loss_sum, _ = token_loss_sum(logits, batch["labels"])
+                with run.head.only_labelled(labels):
+                    logits = self.model(**inputs, use_cache=False).logits  # (N labelled, V)
+                loss_sum, _ = token_loss_sum(logits, labels)
                 if faults.active("nan"):
                     loss_sum = loss_sum * float("nan")
                 # DDP (FSDP, ZeRO) average gradients over ranks; x world makes it the window's token mean.
@@ -192,7 +194,7 @@ class Loop:
         grad_norm = run.engine.clip_grad_norm(self.params)
         faults.hit("sigterm")   # a signal during the step: its update still runs, then the save
         if world > 1:   # the loss and the signal flag of every rank, in one all-reduce
-            flag = torch.tensor(float(run.preemption.raised), device=device)
+            flag = torch.full((), float(run.preemption.raised), device=device)
             step_loss, flag = self.acc.reduce(torch.stack([step_loss.float(), flag]), reduction="sum").unbind()
             loss, norm, signalled = torch.stack([step_loss, grad_norm.float(), flag]).tolist()
             self.signalled = signalled > 0

@@ -33,7 +33,10 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     targets = next_token_targets(labels)
     if logits.dim() == 2:
+        # The labelled positions' targets, in LabelledHead's order. Labels on the host (as the loop
+        # passes them): this selection needs no device sync, and only the targets are copied.
         targets = targets[targets != IGNORE_INDEX]
+    targets = targets.to(logits.device, non_blocking=True)
     total = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     return total, (targets != IGNORE_INDEX).sum()
@@ -54,22 +57,29 @@ class LabelledHead:
     def __init__(self, model: torch.nn.Module):
         get = getattr(model, "get_output_embeddings", None)
         head = get() if callable(get) else None
-        self._mask: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None   # flat indices of the labelled positions
+        self._shape: tuple[int, ...] = ()
         self._handle = head.register_forward_pre_hook(self._select) if head is not None else None
 
     def _select(self, module, args):
-        mask = self._mask
-        if mask is None or not args or args[0].dim() != 3 or tuple(args[0].shape[:2]) != tuple(mask.shape):
+        positions = self._positions
+        if positions is None or not args or args[0].dim() != 3 or tuple(args[0].shape[:2]) != self._shape:
             return None
-        return (args[0][mask], *args[1:])
+        hidden = args[0]
+        return (hidden.flatten(0, 1).index_select(0, positions.to(hidden.device, non_blocking=True)), *args[1:])
 
     @contextlib.contextmanager
     def only_labelled(self, labels: torch.Tensor) -> Iterator[None]:
-        self._mask = next_token_targets(labels) != IGNORE_INDEX
+        """While active, the head sees only the positions whose next token carries a label. With
+        `labels` on the host (the loop passes a batch's before its copy to the device) the positions
+        are found there, so a boolean selection on the device (a sync) is never needed."""
+        mask = next_token_targets(labels) != IGNORE_INDEX
+        self._shape = tuple(mask.shape)
+        self._positions = mask.flatten().nonzero().squeeze(1)
         try:
             yield
         finally:
-            self._mask = None
+            self._positions = None
 
     def remove(self) -> None:
         if self._handle is not None:
