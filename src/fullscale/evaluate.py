@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from fullscale import faults
+from fullscale.data.batching import model_inputs
 from fullscale.loss import perplexity, token_loss_sum
 
 
@@ -35,8 +36,7 @@ def evaluate(model, batches, *, accelerator, head=None) -> EvalResult:
     num_tokens = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         labels = batch["labels"]   # on the host: the labelled positions are found there (no device sync)
-        inputs = {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "position_ids")
-                  if k in batch}
+        inputs = model_inputs(batch, device)
         with head.only_labelled(labels) if head else contextlib.nullcontext():
             logits = model(**inputs, use_cache=False).logits
         total, count = token_loss_sum(logits, labels)

@@ -24,6 +24,7 @@ import time
 import torch
 
 from fullscale import faults, sampler
+from fullscale.data.batching import model_inputs
 from fullscale.data.store import example_lengths
 from fullscale.loss import num_label_tokens, token_loss_sum
 from fullscale.monitor import format_memory, memory_stats
@@ -78,15 +79,6 @@ def fit(run) -> str:
 
 def most_severe(events) -> str | None:
     return max((e.action for e in events), key=_SEVERITY.__getitem__, default=None)
-
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors the model takes. A packed batch has position_ids and no attention_mask: with
-    sdpa, transformers then builds a block-diagonal mask, so packed examples do not see each other."""
-    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def num_real_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -177,7 +169,7 @@ class Loop:
         for i, batch in enumerate(window):
             self.state.pending_tokens += num_real_tokens(batch)  # counted on the host, before the copy: no sync
             labels = batch["labels"]   # kept on the host: the labelled positions are found there, no sync
-            inputs = {k: v.to(device, non_blocking=True) for k, v in model_inputs(batch).items()}
+            inputs = model_inputs(batch, device)
             last = i == len(window) - 1
             with run.engine.accumulating(last):
                 with run.head.only_labelled(labels):

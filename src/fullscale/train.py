@@ -74,11 +74,15 @@ def build_optimizer(model, config: Config):
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
+def warmup_steps(config: Config, total_steps: int) -> int:
+    """The schedule's warmup steps (the health checks hold their lr rule until they are done)."""
+    return math.ceil(config.warmup_ratio * total_steps)
+
+
 def build_scheduler(optimizer, config: Config, total_steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(config.lr_scheduler_type, optimizer,
-                         num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+    return get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(config, total_steps),
                          num_training_steps=total_steps)
 
 
@@ -386,7 +390,7 @@ def build_run(launch: Launch, *, model, optimizer, scheduler, tokenizer, data, m
                                      min_delta=config.early_stopping_min_delta),
                state=TrainState(), fingerprints=fingerprints, total_steps=total_steps,
                health=HealthMonitor(config, total_steps=total_steps,
-                                    warmup_steps=math.ceil(config.warmup_ratio * total_steps)),
+                                    warmup_steps=warmup_steps(config, total_steps)),
                run_dir=launch.run_dir, num_workers=resolve_num_workers(config, launch.device, launch.world),
                head=LabelledHead(accelerator.unwrap_model(model)), run_lock=launch.lock[0] if launch.lock else None,
                engine=build_engine(accelerator, model, optimizer, fsdp=launch.fsdp, deepspeed=launch.deepspeed,

@@ -26,3 +26,15 @@ def collate(examples: list[dict], *, pad_token_id: int) -> dict[str, torch.Tenso
         labels[i, :n] = torch.tensor(ex["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a collated batch the model takes, copied to `device` when given (the labels
+    stay on the host, where fullscale.loss finds the labelled positions). A packed batch has
+    position_ids and no attention_mask: with sdpa, transformers then builds a block-diagonal mask,
+    so packed examples do not see each other."""
+    return {k: batch[k] if device is None else batch[k].to(device, non_blocking=True)
+            for k in MODEL_INPUTS if k in batch}
