@@ -28,7 +28,7 @@ from fullscale import faults, sampler
 from fullscale import resumption as resuming
 from fullscale import sharding, zero
 from fullscale.config import Config, effective_early_stopping, train_data
-from fullscale.data.prepare import run_alpaca_templates
+from fullscale.data.prepare import check_invalid_share, run_alpaca_templates
 from fullscale.early_stop import EarlyStopping
 from fullscale.engine import build_engine
 from fullscale.errors import ConfigError
@@ -99,24 +99,6 @@ def check_packing(model, config: Config, tokenizer, choices) -> None:
             f"packing: true is refused for this model ({type(model.get_base_model()).__name__}, attention "
             f"{choices.attn_implementation}): {why}. Packed examples would see each other. Set packing: false "
             "(group_by_length: true cuts most of the padding without packing)")
-
-
-def check_invalid_share(data, config: Config) -> None:
-    """A few bad rows are skipped and reported; a file that is mostly bad is a wrong file or format."""
-    from fullscale.errors import DataError
-
-    checked = [(f"train_file {name}", stats) for name, stats in data.sources] if data.sources else [
-        ("train_file", data.train_stats)]
-    for name, stats in checked + [("eval_file", data.eval_stats)]:
-        if stats is None or not stats.num_rows or config.invalid_rows != "skip":
-            continue
-        share = stats.num_skipped / stats.num_rows
-        if share > config.max_invalid_share:
-            reasons = "; ".join(f"row {n}: {why}" for n, why in stats.skipped[:3])
-            raise DataError(
-                f"{name}: {stats.num_skipped:,} of {stats.num_rows:,} rows ({100 * share:.0f}%) are invalid and would "
-                f"be skipped, more than max_invalid_share={config.max_invalid_share:g} (first reasons: {reasons}). "
-                "Check the file and dataset_format; raise max_invalid_share to train on the valid rows anyway")
 
 
 # ----------------------------------------------------------------------------- the run

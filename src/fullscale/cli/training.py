@@ -184,8 +184,8 @@ def cmd_prepare(args) -> int:
     """The data part of `fullscale train`, alone (e.g. on a CPU node before a GPU job): the run then
     opens the token store in seconds."""
     from fullscale.data import cache_dir, prepare_for
+    from fullscale.data.prepare import check_invalid_share
     from fullscale.model import load_tokenizer
-    from fullscale.train import check_invalid_share
 
     config, _ = _load_train_config(args)
     data = prepare_for(config, load_tokenizer(config))

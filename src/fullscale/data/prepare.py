@@ -372,3 +372,19 @@ def _check_tokenizer(tokenizer, fmt: str) -> None:
             "Fix: use a model whose tokenizer ships one (usually the -Instruct/-Chat variant), set "
             "tokenizer.chat_template, or convert the data to prompt_completion (columns prompt, completion)."
         )
+
+
+def check_invalid_share(data: PreparedData, config) -> None:
+    """A few bad rows are skipped and reported; a file that is mostly bad is a wrong file or format."""
+    checked = [(f"train_file {name}", stats) for name, stats in data.sources] if data.sources else [
+        ("train_file", data.train_stats)]
+    for name, stats in checked + [("eval_file", data.eval_stats)]:
+        if stats is None or not stats.num_rows or config.invalid_rows != "skip":
+            continue
+        share = stats.num_skipped / stats.num_rows
+        if share > config.max_invalid_share:
+            reasons = "; ".join(f"row {n}: {why}" for n, why in stats.skipped[:3])
+            raise DataError(
+                f"{name}: {stats.num_skipped:,} of {stats.num_rows:,} rows ({100 * share:.0f}%) are invalid and would "
+                f"be skipped, more than max_invalid_share={config.max_invalid_share:g} (first reasons: {reasons}). "
+                "Check the file and dataset_format; raise max_invalid_share to train on the valid rows anyway")
