@@ -394,6 +394,13 @@ def start_or_resume(run: Run, resume_path: Path | None, saved, *, reached: int, 
         run.monitor.event("resume", resume_step, from_step=resume_step, steps_redone=reached - resume_step,
                           checkpoint=resume_path.name, num_resumes=run.state.num_resumes,
                           reason=saved.get("stop_reason") or "interrupted", changed_settings=changes)
+        if run.is_main:
+            # A lowered save_total_limit (say after a full disk) applies now, not after the next save:
+            # that save needs the space the extra checkpoints hold. The newest and the best stay.
+            removed = run.manager.rotate(best_step=run.stopper.best_step)
+            if removed:
+                run.say(f"save_total_limit={config.save_total_limit}: removed "
+                        f"{', '.join(f'checkpoint-{s}' for s in removed)} (older than the newest, not the best)")
     else:
         run.monitor.event("train_start", 0, total_steps=total_steps, num_train_examples=len(data.train),
                           num_eval_examples=len(data.eval or []), trainable_parameters=counts["trainable"],

@@ -369,6 +369,25 @@ def test_a_real_full_disk_stops_with_the_path_and_bytes_needed_and_leaves_no_deb
     assert no_debris(disk) == []
 
 
+def test_after_a_full_disk_a_lower_save_total_limit_frees_the_space_at_the_resume(
+        tmp_path, small_disk, tiny_model_dir, reverse_data):
+    # What the disk-full message advises: lower save_total_limit and run again. The extra
+    # checkpoints go at the resume (newest and best kept), not after a save that has no room.
+    disk = small_disk("full", "2560k")
+    cfg = write_config(tmp_path, "limit", tiny_model_dir, reverse_data, output_dir=str(disk / "run"), max_steps=12,
+                       save_steps=1, save_total_limit=100)
+    proc = cli("train", cfg)
+    assert proc.returncode == 1 and "lower save_total_limit" in proc.stderr, proc.stderr[-2000:]
+    saved = sorted(int(p.name.split("-")[1]) for p in (disk / "run").glob("checkpoint-*"))
+    assert len(saved) >= 3
+    proc = cli("train", cfg, "save_total_limit=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"resuming from checkpoint-{saved[-1]}" in proc.stdout
+    assert "save_total_limit=2: removed checkpoint-" in proc.stdout
+    assert json.loads((disk / "run" / "training_result.json").read_text())["total_steps"] == 12
+    assert no_debris(disk) == []
+
+
 def test_a_cache_disk_that_fills_up_while_tokenizing_never_stops_preparation(tmp_path, small_disk, monkeypatch):
     """The tokens spill to temporary files beside the token store; when that disk fills midway they
     move to the system's temporary directory and the data comes out the same (uncached)."""
