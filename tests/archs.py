@@ -27,7 +27,34 @@ ARCHITECTURES = {
                     "num_key_value_heads": 4, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
                     "n_group": 1, "topk_group": 1},
     "mixtral": MOE, "qwen2_moe": MOE, "qwen3_moe": MOE,           # fused experts
+    # Past the attention-only families: what carries a state across positions, MoE blocks with
+    # shared experts, dense layers or routers beside the experts, and experts peft cannot wrap.
+    "jamba": {**MOE, "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2,   # attention + Mamba
+              "expert_layer_offset": 1, "mamba_d_state": 8, "mamba_d_conv": 4, "mamba_expand": 2, "mamba_dt_rank": 4},
+    "lfm2": {"layer_types": ["conv", "full_attention"], "conv_L_cache": 3, "block_dim": 32,      # short convolutions
+             "block_ff_dim": 64},
+    "falcon_h1": {"mamba_d_ssm": 32, "mamba_n_heads": 4, "mamba_d_head": 8, "mamba_d_state": 8,   # attention || Mamba2
+                  "mamba_n_groups": 1, "mamba_chunk_size": 16, "head_dim": 8},
+    "qwen3_next": {**MOE, "layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4,
+                   "linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8,  # linear attention
+                   "linear_conv_kernel_dim": 4, "head_dim": 8, "decoder_sparse_step": 1},        # + shared expert
+    "mamba2": {"num_heads": 4, "head_dim": 16, "state_size": 8, "n_groups": 1, "expand": 2,     # pure state-space
+               "chunk_size": 16, "conv_kernel": 4},
+    "recurrent_gemma": {"lru_width": 32, "attention_window_size": 16, "block_types": ["recurrent", "attention"],
+                        "head_dim": 8},                                                          # temporal_block.q/k/v/o
+    "glm4_moe": {**MOE, "first_k_dense_replace": 1, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
+                 "head_dim": 8},                                                                 # dense MLP + shared experts
+    "deepseek_v2": {**MOE, "first_k_dense_replace": 1, "n_shared_experts": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
+                    "num_key_value_heads": 4, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8,
+                    "n_group": 1, "topk_group": 1},
+    "llama4_text": {**MOE, "intermediate_size_mlp": 64, "head_dim": 8, "interleave_moe_layer_step": 1},   # Linear router
+    "olmoe": MOE,
+    "dbrx": {"d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 256,                     # 2-D experts, Wqkv
+             "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+             "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}},
 }
+# Families whose layers carry a state across positions: packing is refused (fullscale.packing).
+STATEFUL = {"jamba", "lfm2", "falcon_h1", "qwen3_next", "mamba2", "recurrent_gemma"}
 
 
 def make_arch(model_type: str, tokenizer=None, *, seed: int = 0):

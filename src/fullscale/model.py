@@ -13,6 +13,11 @@ import torch
 
 from fullscale.config import Config
 from fullscale.errors import ModelError
+from fullscale.targets import (DEFAULT_TARGETS, LoraTargets, describe_wrapped, fused_expert_parameters,  # noqa: F401
+                               layer_listing, linear_layers, peft_target_modules, resolve_lora_targets, suffix,
+                               wrapped_layers)
+
+_suffix = suffix
 
 log = logging.getLogger("fullscale")
 
@@ -154,7 +159,19 @@ def load_base_model(config: Config, choices: ModelChoices):
             f"the base model in {path} lacks {len(missing)} weight tensor(s) its config.json needs ({shown}); "
             "transformers would initialise them at random. The weight files are incomplete or from another model: "
             "re-download or re-save the model (save_pretrained) and check its *.safetensors files")
+    check_model_config(model, path)
     return model
+
+
+def check_model_config(model, path) -> None:
+    """Settings a model's config.json must have that transformers only trips over in the first
+    forward, with a traceback: said here, with the key to set."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) == "dbrx" and getattr(getattr(cfg, "attn_config", None), "clip_qkv", 0) is None:
+        raise ModelError(
+            f"the DBRX config of {path} has attn_config.clip_qkv: null, and transformers' DBRX attention clamps the "
+            "queries, keys and values to +-clip_qkv in every forward (it fails without a value). Set "
+            "attn_config.clip_qkv in its config.json (DBRX's released models use 8)")
 
 
 def _load_error(what: str, path: str, exc: Exception) -> str:
@@ -169,117 +186,44 @@ def _load_error(what: str, path: str, exc: Exception) -> str:
     return f"cannot load the {what} from {path}: {text}. {hint}"
 
 
-# The default lora_target_modules means "the attention projections", whatever a model calls them:
-# the Linear/Conv1D layers inside its attention blocks (q/k/v/o, fused qkv_proj, query_key_value,
-# c_attn, Wqkv, MLA's q_a/q_b/kv_a/kv_b, out_proj, dense ...).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_ATTENTION_BLOCK = re.compile(r"(^|_)(attn|attention)$|^(self_attn|self_attention|mixer)$")
-
-
-def linear_layers(model) -> list[str]:
-    """Full names of the model's Linear and transformers Conv1D layers (GPT-2 style), output layer excluded."""
-    from transformers.pytorch_utils import Conv1D
-
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head]
-
-
-def fused_expert_parameters(model) -> list[str]:
-    """Suffixes ("mlp.experts.gate_up_proj") of the 3-D expert weights of MoE blocks that hold
-    their experts fused in one tensor instead of one Linear each."""
-    found = set()
-    for name, param in model.named_parameters():
-        parts = name.split(".")
-        if param.dim() == 3 and len(parts) >= 3 and "expert" in parts[-2]:
-            found.add(".".join(parts[-3:]))
-    return sorted(found)
-
-
-@dataclass
-class LoraTargets:
-    """What peft is asked to wrap, and how to say it."""
-
-    modules: list[str] | str                 # names, a full-match regex, or "all-linear"
-    parameters: list[str]                    # fused MoE expert weights (peft ParamWrapper)
-    meaning: str                             # in the user's words
-
-
-def _suffix(name: str) -> str:
-    """A layer's kind: its name and the nearest named (not numbered) block, e.g. "self_attn.q_proj"."""
-    parts = name.split(".")
-    parent = next((p for p in reversed(parts[:-1]) if not p.isdigit()), "")
-    return f"{parent}.{parts[-1]}" if parent else parts[-1]
-
-
-def resolve_lora_targets(model, config: Config) -> LoraTargets:
-    """lora_target_modules for this model: the default resolves to its attention projections, an
-    explicit list is checked name by name, all-linear adds fused MoE experts. Raises ModelError."""
-    linear = linear_layers(model)
-    listing = ", ".join(sorted({_suffix(n) for n in linear})) or "(none)"
-    wanted = config.lora_target_modules
-    if wanted == "all-linear":
-        return LoraTargets("all-linear", fused_expert_parameters(model), "all linear layers")
-    if "lora_target_modules" in config.explicit:
-        unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linear)]
-        if unmatched:
-            raise ModelError(
-                f"lora_target_modules: {', '.join(unmatched)} match no Linear/Conv1D layer of this model. Its layers "
-                f"are: {listing}. Name some of them, leave lora_target_modules out for the attention projections, or "
-                "use all-linear")
-        return LoraTargets(list(wanted), [], "the layers named in lora_target_modules")
-    attention = [n for n in linear if len(n.split(".")) >= 2 and _ATTENTION_BLOCK.search(n.split(".")[-2])]
-    if not attention:
-        raise ModelError(
-            f"cannot find the attention projections of this model (no Linear/Conv1D inside a module named like "
-            f"*attn* or *attention*). Its layers are: {listing}. Set lora_target_modules to some of them, or all-linear")
-    names = {n.rsplit(".", 1)[-1] for n in attention}
-    outside = {n.rsplit(".", 1)[-1] for n in linear} - names
-    if names <= set(DEFAULT_TARGETS) and not (names & outside):
-        return LoraTargets(list(DEFAULT_TARGETS), [], "the attention projections")   # peft matches by name
-    # Other names, or names shared with the MLP (GPT-2's c_proj): a regex on the block and the layer.
-    pairs = sorted({_suffix(n) for n in attention})
-    regex = r".*\.(?:" + "|".join(re.escape(p) for p in pairs) + r")$"
-    return LoraTargets(regex, [], "the attention projections")
-
-
-def describe_wrapped(model) -> str:
-    """The modules LoRA wraps, by kind: "self_attn.q_proj x4, ..., mlp.experts.gate_up_proj x2 (expert weights)"."""
-    from peft.tuners.lora import LoraLayer
-
-    counts: dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            kind = _suffix(re.sub(r"\.base_layer$", "", name))
-            if type(module).__name__ == "ParamWrapper":
-                param = getattr(module, "parameter_name", "weight")
-                kind = f"{kind}.{param} ({'fused experts' if 'expert' in kind else 'parameter'})"
-            counts[kind] = counts.get(kind, 0) + 1
-    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
-
-
 def add_lora(model, config: Config):
-    """Wrap `model` with LoRA adapters (peft); the base weights are frozen. Fused MoE experts
-    (peft's ParamWrapper, which takes no dropout) get LoRA without dropout; every other layer keeps
-    lora_dropout."""
+    """Wrap `model` with LoRA adapters (peft); the base weights are frozen. Tensors wrapped by
+    peft's ParamWrapper (fused MoE experts, layers peft would rename) take no dropout; every other
+    layer keeps lora_dropout. What was asked and what peft wrapped are compared layer by layer."""
+    import warnings
+
     from peft import LoraConfig, get_peft_model
 
+    from transformers.pytorch_utils import Conv1D
+
     targets = resolve_lora_targets(model, config)
+    conv1d = any(isinstance(model.get_submodule(n), Conv1D) for n in targets.modules)   # GPT-2's (in, out) weights
     lora = LoraConfig(
+        fan_in_fan_out=conv1d,
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=0.0 if targets.parameters else config.lora_dropout,
-        target_modules=targets.modules,
+        target_modules=peft_target_modules(model, targets),
         target_parameters=targets.parameters or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
     try:
-        peft_model = get_peft_model(model, lora)
+        with warnings.catch_warnings():
+            # peft's bridge for transformers-4 MoE adapters warns about rank patterns for names it
+            # made up itself; fullscale checks what was wrapped below.
+            warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys", category=RuntimeWarning)
+            peft_model = get_peft_model(model, lora)
     except ValueError as exc:
-        listing = ", ".join(sorted({_suffix(n) for n in linear_layers(model)}))
-        raise ModelError(f"peft cannot add LoRA to this model ({exc}). Its layers are: {listing}; set "
-                         "lora_target_modules to some of them") from None
+        raise ModelError(f"peft cannot add LoRA to this model ({_peft_reason(exc)}). Its layers are: "
+                         f"{layer_listing(model)}; set lora_target_modules to some of them") from None
+    layers, _ = wrapped_layers(peft_model)
+    missing, extra = set(targets.layers) - layers, layers - set(targets.layers)
+    if extra:
+        raise ModelError(f"peft wrapped layers fullscale did not ask for ({', '.join(sorted(extra)[:6])}); set "
+                         f"lora_target_modules to some of: {layer_listing(model)}")
+    for name in missing:
+        targets.left_out[suffix(name)] = "peft did not wrap it"
     if targets.parameters and config.lora_dropout:
         from peft.tuners.lora import LoraLayer
 
@@ -289,6 +233,12 @@ def add_lora(model, config: Config):
                     module.lora_dropout[adapter] = torch.nn.Dropout(p=config.lora_dropout)
     peft_model.fullscale_targets = targets
     return peft_model
+
+
+def _peft_reason(exc: Exception) -> str:
+    """peft's message without its internal names (base_layer, lora_A.default)."""
+    text = str(exc).split(". Please", 1)[0]
+    return re.sub(r"^\[PEFT:[^\]]*\]\s*", "", text).strip()
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -112,7 +112,19 @@ def _checkpoint_table(run_dir: Path, s: dict[str, Any]) -> str:
     if not rows:
         return "<p>No checkpoints yet.</p>"
     return (_table(["checkpoint", "eval loss", "size", "valid", "notes"], rows, numeric={1, 2})
-            + f'<p class="muted">{_esc(format_size(c["run_dir_bytes"]))} in the run directory.</p>')
+            + f'<p class="muted">{_esc(format_size(c["run_dir_bytes"]))} in the run directory.</p>'
+            + _best_at_step_0(s))
+
+
+def _best_at_step_0(s: dict[str, Any]) -> str:
+    """Why the best model is the base model, when no evaluation improved on step 0's."""
+    if s["best_step"] != 0 or not s["step"]:
+        return ""
+    return ('<p class="bad">The best evaluation is still the one at step 0, before any training: no later '
+            'evaluation improved on it by more than early_stopping_min_delta. best_model/ therefore holds the '
+            "adapter of step 0, whose B matrices are zero, so an export or merge of the best model gives the base "
+            "model back. Lower the learning rate, train longer, or check the data; "
+            "<code>fullscale export RUN --checkpoint latest</code> exports the last adapter instead.</p>")
 
 
 def _events_tables(s: dict[str, Any], records: list[dict[str, Any]]) -> str:

@@ -23,6 +23,8 @@ EXACTNESS_KEYS = (
     "max_grad_norm", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "num_train_epochs",
     "max_steps", "bf16", "early_stopping_patience", "early_stopping_min_delta", "eval_steps",
 )
+# lora_target_modules' default before it was named `attention` (what a run of an earlier version recorded).
+LEGACY_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Changes that do not alter what is computed: accepted on resume and recorded.
 HARMLESS_KEYS = ("logging_steps", "eval_samples", "eval_sample_tokens", "max_invalid_share", "eval_time_budget", "memory_budget_gb", "memory_margin", "plan_check", "report_to", "save_steps", "save_total_limit", "output_dir", "resume",
                  "force_resume", "dataloader_num_workers", "per_device_eval_batch_size", "tf32",
@@ -55,6 +57,9 @@ def compare(config: Config, saved_config: dict[str, Any], saved_fp: dict[str, An
     """(changes that break exactness or meaning, harmless changes), each as 'what: old -> new'."""
     breaking, harmless = [], []
     for key in EXACTNESS_KEYS:
+        if key == "lora_target_modules" and saved_config.get(key) == list(LEGACY_DEFAULT_TARGETS) and \
+                getattr(config, key) in ("attention", list(LEGACY_DEFAULT_TARGETS)):
+            continue   # the default before it was named `attention`; the adapter's tensor names are compared too
         if key in saved_config and saved_config[key] != getattr(config, key):
             breaking.append(f"{key}: {saved_config[key]!r} -> {getattr(config, key)!r}")
     labels = {"model": "base model files", "tokenizer": "tokenizer files", "train_data": "train data contents",

@@ -36,6 +36,7 @@ from fullscale.health import HealthMonitor
 from fullscale.loop import fit
 from fullscale.loss import LabelledHead
 from fullscale.model import build_model, choose, count_parameters, describe_wrapped, load_tokenizer, resolve_model_path
+from fullscale.targets import describe_parameters
 from fullscale.monitor import Monitor, format_memory, memory_stats, write_json
 from fullscale.preemption import PreemptionFlag
 from fullscale.prompts import prompt_format, write_prompt_format
@@ -91,10 +92,9 @@ def check_packing(model, config: Config, tokenizer, choices) -> None:
     from fullscale.packing import ISOLATION_TOLERANCE, isolation_error
 
     diff, cannot = isolation_error(model, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer))
-    tolerance = ISOLATION_TOLERANCE.get(choices.dtype, 1e-5)
-    if cannot or diff > tolerance:
+    if cannot or diff > ISOLATION_TOLERANCE:
         why = cannot or (f"an example packed after another gets logits up to {diff:.3g} away from the same example "
-                         f"alone (tolerance {tolerance:g}), so it attends across the boundary")
+                         f"alone (in fp32, tolerance {ISOLATION_TOLERANCE:g}), so it attends across the boundary")
         raise ConfigError(
             f"packing: true is refused for this model ({type(model.get_base_model()).__name__}, attention "
             f"{choices.attn_implementation}): {why}. Packed examples would see each other. Set packing: false "
@@ -295,9 +295,11 @@ def build_model_and_optimizer(launch: Launch, data, choices, fps: dict[str, Any]
     console.print(f"model {resolve_model_path(config)}: {choices.describe()}; LoRA r={config.lora_rank} "
                   f"alpha={config.lora_alpha} on {targets.meaning}: {describe_wrapped(model)}; {trainable:,} "
                   f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    if targets.left_out:
+        console.print(f"no LoRA on: {targets.describe_left_out()}")
     if targets.parameters and config.lora_dropout:
-        console.print(f"LoRA on the fused expert weights ({', '.join(targets.parameters)}) runs without dropout "
-                      f"(peft's ParamWrapper takes none); lora_dropout={config.lora_dropout:g} applies to every other layer")
+        console.print(f"LoRA through peft's ParamWrapper ({describe_parameters(targets)}) runs without dropout "
+                      f"(it takes none); lora_dropout={config.lora_dropout:g} applies to every other layer")
     model.to(device)
     if packing is not None:
         check_packing(model, config, tokenizer, choices)   # before any efficiency is reported

@@ -329,3 +329,21 @@ def test_samples_at_each_evaluation_reach_the_console_metrics_tensorboard_and_th
     chosen = html.index("<h3>Set for this run")
     assert chosen < html.index("<code>max_steps</code>") < html.index("defaults (")
     assert html.index("defaults (") < html.index("<code>weight_decay</code>")   # a default, folded below
+
+
+def test_a_run_whose_best_evaluation_stays_at_step_0_says_why_in_the_report(make_config, capsys):
+    config = make_config(max_steps=4, eval_steps=2, save_steps=2, early_stopping_min_delta=100.0)
+    result = train(config)
+    assert result["best_step"] == 0
+    capsys.readouterr()
+    assert main(["report", config.output_dir]) == 0
+    html = (Path(config.output_dir) / "report.html").read_text()
+    assert "still the one at step 0" in html and "gives the base model back" in html
+
+
+def test_a_run_that_improved_has_no_step_0_note(make_config, capsys):
+    config = make_config(max_steps=4, eval_steps=2, save_steps=2)
+    assert train(config)["best_step"] != 0
+    capsys.readouterr()
+    assert main(["report", config.output_dir]) == 0
+    assert "still the one at step 0" not in (Path(config.output_dir) / "report.html").read_text()

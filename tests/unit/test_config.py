@@ -20,7 +20,7 @@ def test_defaults_equal_the_settled_small_scale_values():
     assert c.gradient_checkpointing is True
     assert (c.save_steps, c.eval_steps, c.save_total_limit, c.logging_steps) == (500, 500, 3, 10)
     assert (c.lora_rank, c.lora_alpha, c.lora_dropout) == (32, 32, 0.05)
-    assert c.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert c.lora_target_modules == "attention"   # q/k/v/o_proj on the chapter's Llama-family models
     assert (c.early_stopping_patience, c.early_stopping_min_delta) == (3, 0.001)
     assert (c.max_grad_norm, c.lr_scheduler_type, c.bf16) == (1.0, "cosine", "auto")
     assert (c.max_seq_length, c.eval_split, c.seed, c.max_steps) == (1024, 0.05, 42, -1)

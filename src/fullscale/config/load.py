@@ -175,6 +175,8 @@ def build_config(values: dict[str, Any], *, where: dict[str, str] | None = None,
     defaults = Config()
     config.explicit = {k for k in (explicit if explicit is not None else values)
                        if k in FIELDS and getattr(config, k) != getattr(defaults, k)}
+    if config.lora_target_modules != "attention":
+        config.explicit.add("lora_target_modules")   # a list is always the user's, even q/k/v/o
     problems += _check_combinations(config, where)
     if problems:
         raise ConfigError(problems)
@@ -208,7 +210,7 @@ def _coerce(key: str, value: Any) -> tuple[bool, Any, str]:
             if key == "report_to":
                 value = [] if value == "none" else [value]
             elif key == "lora_target_modules":
-                return True, value if value == "all-linear" else [value], ""
+                return True, value if value in ("all-linear", "attention") else [value], ""
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             return False, None, f"got {value!r}; expected a list of names"
         if key == "report_to":

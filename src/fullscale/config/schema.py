@@ -56,7 +56,7 @@ class Config:
     lora_rank: int = _key(32, "LoRA rank r")
     lora_alpha: int = _key(32, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _key(0.05, "dropout on the LoRA input")
-    lora_target_modules: list[str] | str = _key(["q_proj", "k_proj", "v_proj", "o_proj"], "modules that get adapters, or 'all-linear'")
+    lora_target_modules: list[str] | str = _key("attention", "layers that get adapters: attention (the attention projections under the model's own names; a state-space model's mixer projections), all-linear (every linear layer but the output layer and routers, fused experts included), or a list of layer names (always taken as written)")
     # --- data ---
     train_file: str | list | None = _key(None, ".jsonl .json .csv .parquet, a datasets save_to_disk dir, a hub dataset id, or a list of such sources mixed by weight, each {path, weight, dataset_config, dataset_split, dataset_format, dataset_columns} (none: the demo data)")
     eval_file: str | None = _key(None, "evaluation data; when absent, eval_split of the train rows is held out")

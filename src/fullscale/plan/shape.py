@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from fullscale.config import Config
-from fullscale.errors import ModelError
+from fullscale.errors import ModelError, first_line
 
 GB = 1024**3   # "GB" in fullscale is 2^30 bytes, as in the memory statistics of monitor.py
 MB = 1024**2
@@ -84,12 +84,17 @@ def inspect_model(config: Config, *, dtype: torch.dtype, attn_implementation: st
     from fullscale.model import add_lora
 
     path, model_cfg = _load_model_config(config)
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=config.trust_remote_code)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelError(f"cannot build the model of {path} from its config.json: {exc}") from None
+    model = None
+    for attn in dict.fromkeys((attn_implementation, "eager")):   # eager where the model has no sdpa (Mamba)
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(model_cfg, dtype=dtype, attn_implementation=attn,
+                                                         trust_remote_code=config.trust_remote_code)
+            break
+        except Exception as exc:  # noqa: BLE001
+            error = exc
+    if model is None:
+        raise ModelError(f"cannot build the model of {path} from its config.json: {first_line(error)}") from None
     params = list(model.parameters())            # shared (tied) parameters once
     num_parameters = sum(p.numel() for p in params)
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -102,7 +107,9 @@ def inspect_model(config: Config, *, dtype: torch.dtype, attn_implementation: st
         if layers else 0
     text = _text_config(model_cfg)
     hidden = text.hidden_size
-    heads = text.num_attention_heads
+    # A pure state-space model (Mamba) has no attention heads: its mixers' heads stand in for the
+    # per-head terms, which its layers do not have (the activation formula is then an estimate).
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", None) or 1
     linears = _layer_linears(layers[0], hidden) if layers else []
     intermediate = getattr(text, "intermediate_size", None) or max(
         (li.in_features for li in linears if li.group == "mlp_out"), default=4 * hidden)
@@ -116,7 +123,7 @@ def inspect_model(config: Config, *, dtype: torch.dtype, attn_implementation: st
         decoder_layer=type(layers[0]).__name__ if layers else "?",
         num_layers=len(layers) or text.num_hidden_layers, hidden_size=hidden, intermediate_size=intermediate,
         num_heads=heads, num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-        head_dim=getattr(text, "head_dim", None) or hidden // heads, vocab_size=text.vocab_size,
+        head_dim=getattr(text, "head_dim", None) or max(1, hidden // heads), vocab_size=text.vocab_size,
         dtype_bytes=torch.empty((), dtype=dtype, device="meta").element_size(),
         num_parameters=num_parameters, weight_bytes=weight_bytes, buffer_bytes=buffer_bytes,
         lora_parameters=sum(p.numel() for p in trainable),
