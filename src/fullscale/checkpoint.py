@@ -29,7 +29,8 @@ STATE = "trainer_state.json"
 MANIFEST_VERSION = 1
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STAGING_PREFIX = ".staging-"
-TRASH_PREFIX = ".trash-"
+TRASH_PREFIX = ".trash-"          # a directory moved aside by its replacement: put back if the new one never came
+DELETE_PREFIX = ".deleting-"      # a directory being removed (rotation): never put back
 
 
 # ----------------------------------------------------------------------------- file helpers
@@ -60,7 +61,7 @@ def _remove_tree(path: Path) -> None:
     rename it out of the checkpoint namespace first, then delete."""
     if not path.exists():
         return
-    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    trash = path.with_name(f"{DELETE_PREFIX}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
     os.replace(path, trash)
     fsync_dir(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
@@ -92,11 +93,18 @@ def commit_directory(staging: Path, final: Path, *, manifest: dict[str, Any] | N
     old = None
     if final.exists():
         # Move the old directory aside (atomic), put the new one in place, then delete the
-        # old one: a kill at any point leaves one complete copy (cleanup() restores it).
+        # old one: a kill at any point leaves one complete copy (cleanup() puts it back), and a
+        # failed second rename puts it back at once.
         old = final.with_name(f"{TRASH_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}")
         os.replace(final, old)
         faults.hit("between_renames")
-    os.replace(staging, final)
+    try:
+        faults.hit("rename_error")
+        os.replace(staging, final)
+    except BaseException:
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        raise
     fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -116,7 +124,7 @@ def staging_dir(parent: Path, name: str) -> Path:
     return path
 
 
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
 # How torch.save (RuntimeError) and safetensors (SafetensorError) report the same failures.
 _DISK_WORDS = ("no space", "storagefull", "quota", "file too large", "filetoolarge", "read-only", "readonly",
                "permission denied", "write failed", "unexpected pos", "code: 28", "code: 27", "code: 30", "code: 122")
@@ -328,19 +336,26 @@ class CheckpointManager:
 
     # -- start-up cleanup and fallback
     def cleanup(self) -> list[str]:
-        """Remove leftovers of interrupted saves and deletions (staging and trash directories);
-        restore best_model/ if a kill happened between moving the old one aside and the new one in."""
+        """Remove leftovers of interrupted saves and deletions (staging and deletion directories);
+        put back a checkpoint-N/ or best_model/ that a kill left moved aside by its replacement
+        (between the two renames of commit_directory) when the new one never came."""
         notes = []
         if not self.run_dir.is_dir():
             return notes
-        trash_best = sorted(self.run_dir.glob(f"{TRASH_PREFIX}best_model-*"))
-        if not (self.run_dir / "best_model").exists() and trash_best:
-            newest = trash_best[-1]
-            if verify_directory(newest) is None:
-                os.replace(newest, self.run_dir / "best_model")
-                notes.append("restored best_model/ left aside by an interrupted update")
+        aside: dict[str, list[Path]] = {}
+        for p in self.run_dir.glob(f"{TRASH_PREFIX}*"):
+            name = p.name[len(TRASH_PREFIX):].rsplit("-", 2)[0]
+            if name == "best_model" or CHECKPOINT_RE.match(name):
+                aside.setdefault(name, []).append(p)
+        for name, paths in sorted(aside.items()):
+            newest = max(paths, key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit()
+                         else 0)
+            if not (self.run_dir / name).exists() and verify_directory(newest) is None:
+                os.replace(newest, self.run_dir / name)
+                fsync_dir(self.run_dir)
+                notes.append(f"restored {name}/ left aside by an interrupted replacement")
         for p in self.run_dir.iterdir():
-            if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX, DELETE_PREFIX)):
                 shutil.rmtree(p, ignore_errors=True)
                 notes.append(f"removed {p.name} left by an interrupted save")
         return notes

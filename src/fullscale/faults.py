@@ -7,7 +7,8 @@ Value faults change the run instead: `nan` (the loss of that step becomes NaN) a
 Points: `micro` (inside an accumulation window), `step` (after the optimizer step, before
 logging), `eval` (inside an evaluation), `save_file` (a checkpoint file written, before the
 others), `before_manifest`, `before_rename`, `between_renames` (the old directory moved aside, the new one
-not yet in place: only when a directory is replaced, as best_model/ or an export with --force), `rotation` (while rotating), `enospc` (disk full
+not yet in place: only when a directory is replaced, as best_model/ or an export with --force), `rename_error` (the rename of a staged directory into place fails, after the old one was moved
+aside), `rotation` (while rotating), `enospc` (disk full
 during a checkpoint write), `sigterm` (a SIGTERM to this process during the step, after its
 backward pass, as a scheduler's preemption sends: the step's update still runs, then the save), `sigterm_eval` (a SIGTERM inside an evaluation), `sigterm_startup` (a SIGTERM while the run
 starts, after the data is prepared), `main_error` (the main process fails while it decides on
@@ -36,6 +37,8 @@ def hit(point: str, step: int | None = None) -> None:
             raise OSError(errno.ENOSPC, "No space left on device (injected)")
         if point == "main_error":
             raise RuntimeError("injected failure of the main process")
+        if point == "rename_error":
+            raise OSError(errno.EIO, "Input/output error (injected)")
         if point.startswith("sigterm"):
             _POINTS.discard((point, current_step if step is None else step))  # once: the run goes on to save
             os.kill(os.getpid(), signal.SIGTERM)

@@ -28,6 +28,7 @@ from fullscale.data.batching import model_inputs
 from fullscale.data.store import example_lengths
 from fullscale.loss import num_label_tokens, token_loss_sum
 from fullscale.monitor import format_memory, memory_stats
+from fullscale.run import rng_state, set_rng_state
 
 _SEVERITY = {"warn": 0, "skip": 1, "rollback": 2, "abort": 3}
 
@@ -160,6 +161,9 @@ class Loop:
         window's global (loss, gradient norm): the step's one host sync, which also brings whether
         any rank got a preemption signal (`signalled`, when distributed)."""
         run, world, device = self.run, self.world, self.device
+        # What the window changes besides the update (dropout's random state, the log window's
+        # tokens): an abort saves the run as it was before the discarded step.
+        self.before_window = (rng_state(), self.state.pending_tokens)
         # torch.full, not torch.tensor: a fill on the device, no host-to-device copy that would wait for it.
         n_tokens = torch.full((), float(sum(num_label_tokens(b["labels"]) for b in window)), device=device)
         if world > 1:
@@ -225,6 +229,8 @@ class Loop:
                 f"{[round(x, 4) for x in list(run.health.grad_norms)[-8:]]}")
         run.monitor.event("health_abort", step, rows=rows, message=events[-1].message,
                           recent_losses=list(run.health.losses)[-8:])
+        rngs, state.pending_tokens = self.before_window   # the checkpoint before the bad update, as it was
+        set_rng_state(rngs)
         run.save_checkpoint(state.step, "health_abort")
         return "health_abort"
 

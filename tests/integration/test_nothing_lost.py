@@ -691,3 +691,68 @@ def test_tilde_paths_adapter_dirs_tokenizers_and_eval_formats(tmp_path, tiny_mod
 
     proc = cli("generate", finished, "--prompt", "x", "--max-new-tokens", "-5")
     assert proc.returncode == 2 and "must be >= 1" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- replacing a checkpoint
+
+def _abort_at_5(tmp_path, name, model_dir, data, **over):
+    # checkpoint-4 is the only one; a NaN at step 5 aborts, and the abort re-saves checkpoint-4.
+    return write_config(tmp_path, name, model_dir, data, max_steps=10, save_steps=4, eval_steps=0,
+                        logging_steps=2, lora_dropout=0.1, health_nonfinite_action="abort", **over)
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_renames_of_a_checkpoints_replacement_never_loses_it(tmp_path, tiny_model_dir,
+                                                                                reverse_data):
+    from safetensors.torch import load_file
+
+    ref = _abort_at_5(tmp_path, "ref", tiny_model_dir, reverse_data)
+    assert cli("train", ref).returncode == 0
+    cfg = _abort_at_5(tmp_path, "killed", tiny_model_dir, reverse_data)
+    proc = cli("train", cfg, fault="nan@5,between_renames@5")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run = tmp_path / "killed"
+    assert not (run / "checkpoint-4").exists() and list(run.glob(".trash-checkpoint-4-*"))
+    proc = cli("train", cfg)   # the next start puts checkpoint-4 back and resumes from it
+    assert proc.returncode == 0, proc.stderr
+    assert "restored checkpoint-4/" in proc.stdout and "checkpoint-4" in proc.stdout
+    a = load_file(str(tmp_path / "ref" / "checkpoint-10" / "adapter_model.safetensors"))
+    b = load_file(str(run / "checkpoint-10" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert no_debris(run) == []
+
+
+@pytest.mark.slow
+def test_a_failed_second_rename_puts_the_old_checkpoint_back_at_once(tmp_path, tiny_model_dir, reverse_data):
+    cfg = _abort_at_5(tmp_path, "failed", tiny_model_dir, reverse_data)
+    run = tmp_path / "failed"
+    proc = cli("train", cfg, fault="nan@5,rename_error@5")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Input/output error" in proc.stderr
+    assert (run / "checkpoint-4" / "manifest.json").is_file() and not list(run.glob(".trash-*"))
+    assert cli("checkpoints", run, "--verify").returncode == 0
+
+
+def test_a_health_abort_re_saves_the_state_before_the_discarded_step(tmp_path, tiny_model_dir, reverse_data):
+    """The re-saved checkpoint holds the random state and log window of the step before the bad
+    update, exactly as the uninterrupted run saved them at that step."""
+    import torch
+
+    from fullscale import faults
+    from fullscale.config import load_config
+    from fullscale.train import train
+
+    states = {}
+    for name, fault in (("clean", ""), ("aborted", "nan@5")):
+        values = yaml.safe_load(_abort_at_5(tmp_path, name, tiny_model_dir, reverse_data).read_text())
+        faults.arm(fault)
+        result = train(load_config(None, values))
+        assert result["stop_reason"] == ("health_abort" if fault else "max_steps")
+        ck = tmp_path / name / "checkpoint-4"
+        states[name] = (torch.load(ck / "rng_state_0.pt", weights_only=True),
+                        json.loads((ck / "trainer_state.json").read_text())["train_state"])
+    (rng_a, ts_a), (rng_b, ts_b) = states["clean"], states["aborted"]
+    assert torch.equal(rng_a["torch"], rng_b["torch"]) and rng_a["python"] == rng_b["python"]
+    assert ts_a["pending_tokens"] == ts_b["pending_tokens"]
+    ts_a.pop("train_seconds"), ts_b.pop("train_seconds")   # wall time, not state
+    assert ts_a == ts_b

@@ -107,7 +107,7 @@ def _check_output(out: Path, source: Source, *, force: bool) -> None:
         elif target.is_relative_to(run_dir):
             first = target.relative_to(run_dir).parts[0]
             clash = clash or first in ("best_model", "runs") or bool(ckpt.CHECKPOINT_RE.match(first)) or \
-                first.startswith((ckpt.STAGING_PREFIX, ckpt.TRASH_PREFIX)) or (run_dir / first).is_file()
+                first.startswith((ckpt.STAGING_PREFIX, ckpt.TRASH_PREFIX, ckpt.DELETE_PREFIX)) or (run_dir / first).is_file()
     if clash:
         raise ExportError(f"--out {out} would overwrite the run or its checkpoints; choose a directory outside "
                           f"{source.run_dir or source.adapter_dir}, or a new subdirectory of it such as exports/")
