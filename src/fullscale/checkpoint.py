@@ -170,6 +170,25 @@ def disk_error(path: Path, exc: BaseException, *, what: str, needed: int = 0) ->
         "disk (free space, quota, ulimit -f, permissions) and run the same command again to resume")
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically (temp file + fsync + rename): a reader or a kill never sees half of
+    it, and a write that fails (a full disk) leaves the old file as it was and no temp file behind.
+    A disk failure is raised as DiskSpaceError with the path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_error(exc):
+            raise disk_error(path.parent, exc, what=path.name) from None
+        raise
+
+
 def write_staged(parent: Path, name: str, write: Callable[[Path], None], *, manifest: dict[str, Any],
                  needed: int = 0, what: str | None = None) -> Path:
     """`write(staging)`, then commit it as parent/name (commit_directory). A failure of the disk

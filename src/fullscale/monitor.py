@@ -219,18 +219,6 @@ class Monitor:
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + rename) so a reader never sees half a file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump({k: _jsonable(v) for k, v in data.items()}, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        from fullscale.checkpoint import disk_error, is_disk_error
+    from fullscale.checkpoint import write_text
 
-        if is_disk_error(exc):
-            raise disk_error(path.parent, exc, what=path.name) from None
-        raise
+    write_text(path, json.dumps({k: _jsonable(v) for k, v in data.items()}, indent=2, default=str) + "\n")

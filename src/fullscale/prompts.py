@@ -27,7 +27,9 @@ def prompt_format(fmt: str, *, alpaca: tuple[str, str | None] | None = None) -> 
 
 def write_prompt_format(directory: Path, record: dict | None) -> None:
     if record is not None:
-        (Path(directory) / PROMPT_FORMAT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        from fullscale.checkpoint import write_text
+
+        write_text(Path(directory) / PROMPT_FORMAT_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def read_prompt_format(path) -> dict | None:

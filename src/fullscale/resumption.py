@@ -151,22 +151,36 @@ def truncate_metrics(run_dir: Path, step: int, *, keep_events: tuple[str, ...] =
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return step
-    kept, reached = [], step
-    for line in path.read_text().splitlines():
+    kept, reached, prefix, offset = [], step, 0, 0   # prefix: the bytes of the leading lines all kept
+    whole = True
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    for raw_line in raw.splitlines(keepends=True):
+        line = raw_line.decode("utf-8", errors="replace").rstrip("\n")
+        offset += len(raw_line)
         try:
             rec = json.loads(line)
         except ValueError:
+            whole = False
             continue  # a line cut by a kill
         rec_step = rec.get("step", 0)
         reached = max(reached, rec_step)
         if ((rec_step > step and rec.get("event") not in keep_events) or rec.get("event") == "train_end"
                 or (eval_redone and rec_step == step and rec.get("event") == "eval")):
+            whole = False
             continue
         kept.append(line)
-    tmp = path.with_name("metrics.jsonl.tmp")
-    with open(tmp, "w") as fh:
-        fh.write("".join(x + "\n" for x in kept))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        if whole and raw_line.endswith(b"\n"):
+            prefix = offset
+        elif whole:
+            whole = False
+    if prefix == sum(len(x.encode()) + 1 for x in kept):
+        # The records to drop are the file's tail (metrics.jsonl only grows): cut it there, in
+        # place. It needs no free space, which a resume after a full disk may not have.
+        if prefix != len(raw):
+            os.truncate(path, prefix)
+        return reached
+    from fullscale.checkpoint import write_text
+
+    write_text(path, "".join(x + "\n" for x in kept))
     return reached

@@ -63,7 +63,9 @@ class Trackers:
                 self.close()
                 raise ConfigError(f"report_to: {tracker} cannot start a run: {first_line(exc)}. Fix its settings "
                                   f"(see fullscale.trackers), or leave {tracker} out of report_to") from None
-        (self.run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        from fullscale.checkpoint import write_text
+
+        write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
     def _start(self, tracker: str, state: dict, name: str, config: dict[str, Any]) -> None:
         if tracker == "wandb":

@@ -336,13 +336,17 @@ def build_records(launch: Launch, data, resume_path: Path | None, saved, *, tota
     reached = resume_step
     redone: set[tuple[str, int]] = set()   # (event, step) records the resume redoes (the trackers have them)
     if is_main:
-        try:
-            (run_dir / "config.yaml").write_text(config.to_yaml())
-            write_prompt_format(run_dir, prompt_format(data.format, alpaca=run_alpaca_templates(config)))
-        except OSError as exc:
-            if ckpt.is_disk_error(exc):
-                raise ckpt.disk_error(run_dir, exc, what="config.yaml") from None
-            raise
+        if resume_path is not None:
+            # A lowered save_total_limit (say after a full disk) applies first, before anything is
+            # written: the records below and the next save need the space the extra checkpoints
+            # hold. The newest and the best stay. Every refusal of the resume came before this.
+            removed = launch.manager.rotate(best_step=(saved.get("early_stopping") or {}).get("best_step"))
+            if removed:
+                launch.console.print(f"save_total_limit={config.save_total_limit}: removed "
+                                     f"{', '.join(f'checkpoint-{s}' for s in removed)} (older than the newest, "
+                                     "not the best)")
+        ckpt.write_text(run_dir / "config.yaml", config.to_yaml())   # write-and-rename: never half a file
+        write_prompt_format(run_dir, prompt_format(data.format, alpaca=run_alpaca_templates(config)))
         if resume_path is None:
             for stale in ("metrics.jsonl", "training_result.json"):
                 (run_dir / stale).unlink(missing_ok=True)
@@ -396,13 +400,6 @@ def start_or_resume(run: Run, resume_path: Path | None, saved, *, reached: int, 
         run.monitor.event("resume", resume_step, from_step=resume_step, steps_redone=reached - resume_step,
                           checkpoint=resume_path.name, num_resumes=run.state.num_resumes,
                           reason=saved.get("stop_reason") or "interrupted", changed_settings=changes)
-        if run.is_main:
-            # A lowered save_total_limit (say after a full disk) applies now, not after the next save:
-            # that save needs the space the extra checkpoints hold. The newest and the best stay.
-            removed = run.manager.rotate(best_step=run.stopper.best_step)
-            if removed:
-                run.say(f"save_total_limit={config.save_total_limit}: removed "
-                        f"{', '.join(f'checkpoint-{s}' for s in removed)} (older than the newest, not the best)")
     else:
         run.monitor.event("train_start", 0, total_steps=total_steps, num_train_examples=len(data.train),
                           num_eval_examples=len(data.eval or []), trainable_parameters=counts["trainable"],

@@ -388,6 +388,66 @@ def test_after_a_full_disk_a_lower_save_total_limit_frees_the_space_at_the_resum
     assert no_debris(disk) == []
 
 
+def _fill(disk: Path) -> None:
+    """Take every byte left on the tmpfs (another writer on the same disk)."""
+    with open(disk / "filler", "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
+def test_the_advice_after_a_full_disk_works_with_no_byte_free(tmp_path, small_disk, tiny_model_dir, reverse_data):
+    """With less free space than metrics.jsonl (none at all here), the resume frees the space of the
+    extra checkpoints before it writes anything: config.yaml is replaced atomically (never
+    truncated), metrics.jsonl is cut in place, no temporary file is left."""
+    disk = small_disk("nofree", "3584k")
+    cfg = write_config(tmp_path, "limit", tiny_model_dir, reverse_data, output_dir=str(disk / "run"), max_steps=16,
+                       save_steps=1, save_total_limit=100)
+    proc = cli("train", cfg)
+    assert proc.returncode == 1 and "lower save_total_limit" in proc.stderr, proc.stderr[-2000:]
+    _fill(disk)
+    os.truncate(disk / "filler", (disk / "filler").stat().st_size - 4096)   # 4 KB free: less than metrics.jsonl
+    assert shutil.disk_usage(disk).free < (disk / "run" / "metrics.jsonl").stat().st_size
+    config_before = (disk / "run" / "config.yaml").read_text()
+    from fullscale.checkpoint import write_text
+    from fullscale.errors import DiskSpaceError
+
+    with pytest.raises(DiskSpaceError, match="config.yaml"):   # the writer every record file goes through
+        write_text(disk / "run" / "config.yaml", "x" * 65536)
+    assert (disk / "run" / "config.yaml").read_text() == config_before and no_debris(disk) == []
+    # A resume that is refused (a changed setting) frees nothing and leaves config.yaml as it was.
+    proc = cli("train", cfg, "save_total_limit=2", "learning_rate=1e-3")
+    assert proc.returncode == 2 and "learning_rate" in proc.stderr, proc.stderr[-2000:]
+    assert (disk / "run" / "config.yaml").read_text() == config_before
+    assert len(list((disk / "run").glob("checkpoint-*"))) >= 3
+    proc = cli("train", cfg, "save_total_limit=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "save_total_limit=2: removed checkpoint-" in proc.stdout
+    assert json.loads((disk / "run" / "training_result.json").read_text())["total_steps"] == 16
+    assert "save_total_limit: 2" in (disk / "run" / "config.yaml").read_text()
+    assert no_debris(disk) == []
+
+
+def test_metrics_are_cut_in_place_when_the_redone_records_are_the_tail(tmp_path):
+    from fullscale.resumption import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"event": "train", "step": s} for s in (1, 2, 3, 4)] + [{"event": "train_end", "step": 4}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"event": "train", "st')
+    inode = path.stat().st_ino
+    assert truncate_metrics(tmp_path, 2) == 4
+    assert path.stat().st_ino == inode   # cut in place, not rewritten
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    # A dropped record in the middle (the eval at the resume step) needs the rewrite.
+    path.write_text("".join(json.dumps(x) + "\n" for x in [{"event": "eval", "step": 2}, {"event": "x", "step": 2},
+                                                           {"event": "train", "step": 3}]))
+    truncate_metrics(tmp_path, 2, eval_redone=True)
+    assert [json.loads(x)["event"] for x in path.read_text().splitlines()] == ["x"]
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
 def test_a_cache_disk_that_fills_up_while_tokenizing_never_stops_preparation(tmp_path, small_disk, monkeypatch):
     """The tokens spill to temporary files beside the token store; when that disk fills midway they
     move to the system's temporary directory and the data comes out the same (uncached)."""
