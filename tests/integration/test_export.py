@@ -311,3 +311,31 @@ def test_push_to_hub_is_refused_before_any_work_without_network_or_token(run, tm
                                "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "0", "HF_HOME": str(env_home)})
     assert proc.returncode == 2 and "no Hugging Face token" in proc.stderr
     assert not (tmp_path / "pushed").exists()
+
+
+def test_an_fp16_merge_that_overflows_is_never_verified(tmp_path, tiny_model_dir, reverse_data):
+    """A base whose logits pass fp16's 65504: the fp16 merge gives inf logits, which fail the check
+    (the reference is the trained model in its fp32 training precision, never an inf tolerance);
+    the same run merged in fp32 verifies."""
+    from safetensors.torch import load_file, save_file
+
+    from fullscale.config import load_config
+    from fullscale.train import train
+
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")
+    weights = load_file(str(base / "model.safetensors"))
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 2e5    # logits of order 1e5
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    config = load_config(None, {
+        "model_name_or_path": str(base), "train_file": str(reverse_data), "output_dir": str(tmp_path / "run"),
+        "max_steps": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "eval_steps": 2,
+        "save_steps": 2, "learning_rate": 1e-4, "report_to": "none", "eval_split": 0.1, "eval_samples": 0,
+        "health_spike_action": "warn"})
+    train(config)
+    with pytest.raises(ExportError) as info:
+        export(tmp_path / "run", tmp_path / "merged-fp16", merge=True, dtype="fp16")
+    text = str(info.value)
+    assert "not finite" in text and "65504" in text and "against the trained model in fp32" in text
+    assert not (tmp_path / "merged-fp16").exists()
+    result = export(tmp_path / "run", tmp_path / "merged-fp32", merge=True, dtype="fp32")
+    assert result.verification.passed and result.verification.finite

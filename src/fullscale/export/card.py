@@ -121,7 +121,8 @@ def _merged_usage(result: ExportResult) -> list[str]:
         "|---|---|",
         f"| max abs logit difference | {result.verification.max_abs_diff:.3g} |",
         f"| tolerance ({result.dtype}) | {result.verification.tolerance:.3g} |",
-        f"| perplexity, adapter model | {result.verification.adapter_perplexity:.6g} |",
+        f"| perplexity, trained model ({result.verification.reference_dtype or 'its training precision'}) | "
+        f"{result.verification.adapter_perplexity:.6g} |",
         f"| perplexity, merged model | {result.verification.merged_perplexity:.6g} |",
         "",
     ]

@@ -64,30 +64,53 @@ class Verification:
     adapter_perplexity: float
     merged_perplexity: float
 
+    reference_dtype: str = ""     # the precision the reference logits were computed in (the run's)
+    merged_loss: float = 0.0      # the merged model's mean token loss (perplexity may overflow; the loss may not)
+
+    @property
+    def finite(self) -> bool:
+        return all(math.isfinite(x) for x in (self.max_abs_diff, self.tolerance, self.merged_loss))
+
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        """Within the tolerance, and every figure finite: an overflow (inf) or a NaN never passes."""
+        return self.finite and self.max_abs_diff <= self.tolerance
 
     def describe(self) -> str:
-        return (f"max |logit difference| {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g} for {self.dtype}); "
-                f"perplexity adapter {self.adapter_perplexity:.6g}, merged {self.merged_perplexity:.6g}; on "
-                f"{self.num_examples} {self.data} ({self.num_tokens:,} tokens)")
-
+        against = f" against the trained model in {self.reference_dtype}" if self.reference_dtype else ""
+        return (f"max |logit difference| {self.max_abs_diff:.3g}{against} (tolerance {self.tolerance:.3g} for "
+                f"{self.dtype}); perplexity trained {self.adapter_perplexity:.6g}, merged {self.merged_perplexity:.6g}; "
+                f"on {self.num_examples} {self.data} ({self.num_tokens:,} tokens)")
 
 
 def _write_merged(staging: Path, source: Source, dtype: torch.dtype, *, device: torch.device,
                   say: Callable[[str], None]) -> Verification:
-    """Merge the adapter into the base, save it, load the saved model back and compare it with the
-    unmerged adapter model on held-out examples. Raises ExportError when they differ."""
+    """Merge the adapter into the base, save it in `dtype`, load the saved model back and compare it
+    with the trained model (base + unmerged adapter in the run's training precision) on held-out
+    examples. The merge itself runs in the more precise of the two dtypes. Raises ExportError when
+    they differ, or when any logit, loss or difference is not finite."""
     from transformers import AutoModelForCausalLM
+
+    from fullscale.export.source import resolve_dtype
 
     tokenizer = load_tokenizer_from(str(staging), trust_remote_code=source.trust_remote_code)
     batches, data = verification_batches(source, tokenizer)
-    model = _load_adapter_model(source, dtype=dtype, device=device)
-    say(f"computing reference logits of the adapter model ({DTYPE_NAMES[dtype]}, {device}) on {data}")
+    trained = resolve_dtype("auto", source)
+    model = _load_adapter_model(source, dtype=trained, device=device)
+    say(f"computing reference logits of the trained model ({DTYPE_NAMES[trained]}, {device}) on {data}")
     reference, adapter_loss = _logits_on(model, batches, device)
+    if not all(bool(torch.isfinite(r).all()) for r in reference) or not math.isfinite(adapter_loss[0]):
+        raise ExportError(
+            f"merge verification cannot run: the trained model itself (base + adapter in {DTYPE_NAMES[trained]}) "
+            f"gives non-finite logits on {data}. Nothing was written. Check the adapter (fullscale checkpoints RUN "
+            "--verify) and the run's health events")
+    merge_dtype = trained if _precision(trained) >= _precision(dtype) else dtype
+    if merge_dtype != trained:
+        del model
+        gc.collect()
+        model = _load_adapter_model(source, dtype=merge_dtype, device=device)
     merged = model.merge_and_unload(safe_merge=True)
-    merged.save_pretrained(staging)
+    merged.to(dtype).save_pretrained(staging)
     del model, merged
     gc.collect()
 
@@ -103,7 +126,7 @@ def _write_merged(staging: Path, source: Source, dtype: torch.dtype, *, device: 
                               use_cache=False).logits
             got = logits[batch["attention_mask"].bool()].float().cpu()          # (real tokens, V)
             diff = float((got - ref).abs().max())
-            max_diff = max(max_diff, diff if math.isfinite(diff) else math.inf)  # a NaN never passes
+            max_diff = max(max_diff, diff if math.isfinite(diff) else math.inf)  # an overflow or a NaN never passes
             max_logit = max(max_logit, float(ref.abs().max()))
             total, count = _loss(logits, batch["labels"])
             loss_sum, num_tokens = loss_sum + total, num_tokens + count
@@ -114,13 +137,22 @@ def _write_merged(staging: Path, source: Source, dtype: torch.dtype, *, device: 
         dtype=DTYPE_NAMES[dtype], data=data, num_examples=n_examples,
         num_tokens=sum(int(b["attention_mask"].sum()) for b in batches), max_abs_diff=max_diff,
         max_abs_logit=max_logit, tolerance=atol + rtol * max_logit,
-        adapter_perplexity=perplexity(*adapter_loss), merged_perplexity=perplexity(loss_sum, num_tokens))
+        adapter_perplexity=perplexity(*adapter_loss), merged_perplexity=perplexity(loss_sum, num_tokens),
+        reference_dtype=DTYPE_NAMES[trained], merged_loss=loss_sum / max(num_tokens, 1))
     if not verification.passed:
+        overflow = "" if verification.finite else (
+            f" The merged model's logits are not finite: {verification.dtype} overflows on this model (logits or "
+            "activations past its range; fp16 stops at 65504). Merge in bf16 or fp32.")
         raise ExportError(
-            f"merge verification failed: the merged model does not compute what the adapter model computes "
-            f"({verification.describe()}). Nothing was written. Merge in fp32 (--dtype fp32), check that the base is "
-            "the full-precision model the adapter was trained on, or ship the adapter (export without --merge)")
+            f"merge verification failed: the merged model does not compute what the trained model computes "
+            f"({verification.describe()}).{overflow} Nothing was written. Merge in fp32 (--dtype fp32), check that "
+            "the base is the full-precision model the adapter was trained on, or ship the adapter (export without "
+            "--merge)")
     return verification
+
+
+def _precision(dtype: torch.dtype) -> int:
+    return {torch.float32: 3, torch.bfloat16: 1, torch.float16: 2}.get(dtype, 0)
 
 
 def verification_batches(source: Source, tokenizer) -> tuple[list[dict[str, torch.Tensor]], str]:
