@@ -816,3 +816,31 @@ def test_a_health_abort_re_saves_the_state_before_the_discarded_step(tmp_path, t
     assert ts_a["pending_tokens"] == ts_b["pending_tokens"]
     ts_a.pop("train_seconds"), ts_b.pop("train_seconds")   # wall time, not state
     assert ts_a == ts_b
+
+
+@pytest.mark.slow
+def test_a_run_started_with_relative_paths_resumes_and_exports_from_any_directory(tmp_path, tiny_model_dir,
+                                                                                   reverse_data):
+    project = tmp_path / "project"
+    shutil.copytree(tiny_model_dir, project / "models" / "tiny")
+    (project / "data").mkdir()
+    shutil.copy(reverse_data, project / "data" / "train.jsonl")
+    values = dict(SETTINGS, model_name_or_path="models/tiny", train_file="data/train.jsonl", output_dir="runs/rel")
+    (project / "my.yaml").write_text(yaml.safe_dump(values))
+    proc = cli("train", "my.yaml", fault="step@4", cwd=project)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    run = project / "runs" / "rel"
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["model_name_or_path"] == str(project / "models" / "tiny")
+    assert recorded["train_file"] == str(project / "data" / "train.jsonl")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = cli("resume", run, cwd=elsewhere)                 # a requeued job started from another directory
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from checkpoint-3" in proc.stdout
+    proc = cli("export", run, "--merge", "--out", elsewhere / "merged", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    card = (elsewhere / "merged" / "README.md").read_text()
+    assert "models/tiny" not in card.replace(str(project / "models" / "tiny"), "")
+    proc = cli("generate", run, "--prompt", "rev abc:", "--max-new-tokens", "3", cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr

@@ -148,6 +148,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         first = train_sources(config)[0]["path"] if config.train_file else None
         name = Path(path).stem if path else Path(first).stem if first else "demo"
         config.output_dir = str(Path("runs") / name)
+    return absolute_paths(config)
+
+
+def absolute_paths(config: Config) -> Config:
+    """Local paths made absolute, so that what the run records (config.yaml, best_model/, exports,
+    the model card) works from any directory: a requeued job started elsewhere resumes, an export
+    finds its base. The model and data when they exist here (otherwise they may be hub ids, which
+    stay ids); output_dir stays as given (`fullscale resume RUN` names the run itself)."""
+    def local(value):
+        if isinstance(value, str) and value and not os.path.isabs(value) and Path(value).exists():
+            return os.path.abspath(value)
+        return value
+
+    config.model_name_or_path = local(config.model_name_or_path)
+    config.eval_file = local(config.eval_file)
+    if isinstance(config.train_file, list):
+        config.train_file = [{**e, "path": local(e["path"])} if isinstance(e, dict) and "path" in e else local(e)
+                             for e in config.train_file]
+    else:
+        config.train_file = local(config.train_file)
     return config
 
 
