@@ -137,7 +137,13 @@ class Loop:
         return stop
 
     def epoch_batches(self) -> list[list[int]]:
-        """This epoch's global micro-batches (seeded by the epoch: a resume rebuilds the same)."""
+        """This epoch's global micro-batches (seeded by the epoch: a resume rebuilds the same), over
+        this epoch's examples (a mix draws its fractional sources anew each epoch)."""
+        train = self.run.data.train
+        if getattr(train, "resamples", False):
+            train.set_epoch(self.state.epoch)
+            if self.lengths is not None:
+                self.lengths = example_lengths(train)
         return sampler.global_micro_batches(len(self.run.data.train), seed=self.config.seed, epoch=self.state.epoch,
                                             global_batch_size=self.config.per_device_train_batch_size * self.world,
                                             num_processes=self.world, lengths=self.lengths)

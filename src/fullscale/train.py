@@ -280,6 +280,11 @@ def build_model_and_optimizer(launch: Launch, data, choices, fps: dict[str, Any]
     if config.packing:
         from fullscale.data import pack_examples
 
+        if getattr(data.train, "resamples", False):
+            launch.console.print(
+                "warning: packing fixes the rows at the start, so a source of fractional weight gives the same "
+                "sample of its examples every epoch (the rest of that source is never seen); without packing "
+                "each epoch draws a new sample. Use whole weights, or packing: false, to see them all")
         data.train, packing = pack_examples(data.train, max_seq_length=config.max_seq_length, seed=config.seed,
                                             lazy=True)   # bins of indices into the token store
     model = build_model(config, choices)

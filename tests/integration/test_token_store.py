@@ -216,3 +216,59 @@ def test_a_bad_source_entry_is_a_config_error_naming_it(tmp_path, tiny_model_dir
     assert "source 1: unknown key 'wieght' (did you mean 'weight'?)" in proc.stderr
     assert "source 3: weight: 0 must be a number > 0" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fractional_weight_draws_a_new_sample_each_epoch(tmp_path, tokenizer, monkeypatch):
+    from fullscale.config import load_config
+    from fullscale.data import prepare_for
+
+    monkeypatch.setenv("FULLSCALE_CACHE", str(tmp_path / "cache"))
+    small = write_reverse_task(tmp_path / "small.jsonl", n=10, seed=3)
+    big = write_reverse_task(tmp_path / "big.jsonl", n=20, seed=4)
+    config = load_config(None, dict(model_name_or_path="x", train_file=[{"path": str(big)},
+                                                                        {"path": str(small), "weight": 0.5}],
+                                    eval_split=0, max_seq_length=64))
+    train = prepare_for(config, tokenizer).train
+    first = [train[i]["row"] for i in range(len(train))]
+    seen, sizes = set(), set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        rows = [train[i]["row"] for i in range(20, len(train))]   # the small source's block
+        sizes.add(len(rows))
+        assert len(set(rows)) == len(rows) == 5   # half of it, no repeats, every epoch
+        seen |= set(rows)
+    assert sizes == {5} and len(seen) > 5          # over the epochs, more than one half is seen
+    train.set_epoch(0)
+    assert [train[i]["row"] for i in range(len(train))] == first   # epoch 0 as before; seeded, repeatable
+    train.set_epoch(3)
+    again = [train[i]["row"] for i in range(len(train))]
+    train.set_epoch(0), train.set_epoch(3)
+    assert [train[i]["row"] for i in range(len(train))] == again
+
+
+@pytest.mark.slow
+def test_a_run_with_a_fractional_weight_killed_in_a_later_epoch_resumes_bitwise(tmp_path, tiny_model_dir,
+                                                                                reverse_data):
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    other = write_reverse_task(tmp_path / "other.jsonl", n=20, seed=5)
+    base = dict(model_name_or_path=str(tiny_model_dir), train_file=[{"path": str(reverse_data)},
+                                                                    {"path": str(other), "weight": 0.5}],
+                num_train_epochs=3, report_to="none", gradient_checkpointing=False, max_seq_length=64,
+                per_device_train_batch_size=8, gradient_accumulation_steps=1, save_steps=4, eval_steps=0,
+                eval_split=0, lora_dropout=0.1, logging_steps=1, warmup_ratio=0.0)
+    cfgs = {}
+    for name in ("ref", "killed"):
+        cfgs[name] = tmp_path / f"{name}.yaml"
+        cfgs[name].write_text(yaml.safe_dump(dict(base, output_dir=str(tmp_path / name))))
+    assert cli("train", cfgs["ref"]).returncode == 0
+    proc = cli("train", cfgs["killed"], fault="step@30")     # epoch 3 (13 steps an epoch)
+    assert proc.returncode == -signal.SIGKILL
+    assert cli("train", cfgs["killed"]).returncode == 0
+    last = max(int(p.name.split("-")[1]) for p in (tmp_path / "ref").glob("checkpoint-*"))
+    a = load_file(str(tmp_path / "ref" / f"checkpoint-{last}" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / f"checkpoint-{last}" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

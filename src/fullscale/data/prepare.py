@@ -9,6 +9,7 @@ import random
 from collections import Counter
 from typing import Any
 
+from fullscale.data.store import mixed_count  # noqa: F401 - re-exported (fullscale.data)
 from fullscale.data.cache import _load_cached, _return_freed_memory, _save_cached, cache_dir, cache_key
 from fullscale.data.formats import (CHAT_FORMATS, FORMATS, REQUIRED_COLUMNS, _choose_format_from, _match_format,
                                     alpaca_templates)
@@ -108,26 +109,6 @@ def eval_split_size(num: int, eval_split: float) -> int:
     return min(num - 1, max(1, math.ceil(num * eval_split)))
 
 
-def mixed_count(num: int, weight: float) -> int:
-    """Examples a source of `num` examples gives an epoch at `weight`: every one floor(weight)
-    times, plus a seeded sample of the fraction (at least one example from a source that has any)."""
-    whole = math.floor(weight)
-    return max(1 if num else 0, whole * num + round((weight - whole) * num))
-
-
-def _mixed_positions(num: int, weight: float, seed: int):
-    """The positions (into a source's examples) that the mix takes: mixed_count of them, in order."""
-    import numpy as np
-
-    whole = math.floor(weight)
-    extra = mixed_count(num, weight) - whole * num
-    taken = np.tile(np.arange(num, dtype=np.int64), whole)
-    if extra:
-        sample = np.sort(np.random.default_rng(seed).choice(num, size=extra, replace=False))
-        taken = np.concatenate([taken, sample])
-    return np.sort(taken, kind="stable")
-
-
 def _mixed_stats(parts: list[tuple[str, Any, DataStats]], counts: list) -> DataStats:
     """One DataStats for a mix: rows, skips and truncations summed (reasons name their source),
     tokens and label tokens of the examples as mixed (repeats counted)."""
@@ -154,11 +135,11 @@ def prepare_mix(sources: list[dict], *, eval_file, eval_split: float, max_seq_le
     own format, store, skip report by row number), mixed by weight into one train split.
 
     A source of weight w gives mixed_count(n, w) of its n examples an epoch (the sampler shuffles
-    the mix). Without eval_file, each source holds out eval_split of its own rows and the eval
+    the mix); the fractional part is a sample drawn anew each epoch. Without eval_file, each source holds out eval_split of its own rows and the eval
     split is all of them, unweighted; an eval_file is prepared on its own (its format detected)."""
     import numpy as np
 
-    from fullscale.data.store import Mixture
+    from fullscale.data.store import Mixture, mixed_positions
 
     messages: list[str] = []
     trains, evals, formats, from_store = [], [], [], []
@@ -181,10 +162,17 @@ def prepare_mix(sources: list[dict], *, eval_file, eval_split: float, max_seq_le
         messages += held.messages
         from_store.append(held.from_store)
         evals = [(str(eval_file), held.train, held.train_stats)]
-    positions = [_mixed_positions(len(ex), w, seed + k) for k, (_, ex, _, w) in enumerate(trains)]
+    positions = [mixed_positions(len(ex), w, seed + k) for k, (_, ex, _, w) in enumerate(trains)]
     counts = [np.bincount(p, minlength=len(ex)) for p, (_, ex, _, _) in zip(positions, trains)]
     which = np.concatenate([np.full(len(p), k, dtype=np.int32) for k, p in enumerate(positions)])
-    train = Mixture([ex for _, ex, _, _ in trains], which, np.concatenate(positions))
+    # A fractional weight samples its fraction anew each epoch (seeded by the epoch): the sampler
+    # calls set_epoch, and every epoch the source gives the same number of examples.
+    fractions, start = [], 0
+    for k, ((_, ex, _, w), p) in enumerate(zip(trains, positions)):
+        if w != int(w):
+            fractions.append((start, start + len(p), len(ex), w, seed + k))
+        start += len(p)
+    train = Mixture([ex for _, ex, _, _ in trains], which, np.concatenate(positions), fractions=fractions)
     train_stats = _mixed_stats([(n, ex, st) for n, ex, st, _ in trains], counts)
     shares = ", ".join(f"{name} x{w:g} -> {int(c.sum()):,} ({100 * c.sum() / max(1, len(train)):.0f}%)"
                        for (name, _, _, w), c in zip(trains, counts))

@@ -22,6 +22,7 @@ the tokens.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -93,12 +94,48 @@ class Examples(_Split):
         return f"Examples({len(self)} examples)"
 
 
+def mixed_count(num: int, weight: float) -> int:
+    """Examples a source of `num` examples gives an epoch at `weight`: every one floor(weight)
+    times, plus a seeded sample of the fraction (at least one example from a source that has any)."""
+    whole = math.floor(weight)
+    return max(1 if num else 0, whole * num + round((weight - whole) * num))
+
+
+def mixed_positions(num: int, weight: float, seed: int, epoch: int = 0) -> np.ndarray:
+    """The positions (into a source's examples) that the mix takes in `epoch`: every example
+    floor(weight) times, plus the fraction's sample, drawn from (seed, epoch); sorted."""
+    whole = math.floor(weight)
+    extra = mixed_count(num, weight) - whole * num
+    taken = np.tile(np.arange(num, dtype=np.int64), whole)
+    if extra:
+        rng = np.random.default_rng(seed if epoch == 0 else [seed, epoch])
+        taken = np.concatenate([taken, np.sort(rng.choice(num, size=extra, replace=False))])
+    return np.sort(taken, kind="stable")
+
+
 class Mixture(_Split):
     """Examples drawn from several splits (a mix of sources, each its own store): example i is
-    example `positions[i]` of split `parts[which[i]]`."""
+    example `positions[i]` of split `parts[which[i]]`. A source of fractional weight takes a new
+    sample of its fraction each epoch (set_epoch): `fractions` holds (start, end, examples in the
+    source, weight, seed) of each such source's block."""
 
-    def __init__(self, parts: list, which: np.ndarray, positions: np.ndarray):
+    def __init__(self, parts: list, which: np.ndarray, positions: np.ndarray, *,
+                 fractions: list[tuple[int, int, int, float, int]] | None = None):
         self.parts, self.which, self.positions = parts, which, positions
+        self.fractions, self.epoch = fractions or [], 0
+
+    @property
+    def resamples(self) -> bool:
+        return bool(self.fractions)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The examples of `epoch`: the same count from each source, the fractions drawn anew."""
+        if epoch == self.epoch or not self.fractions:
+            return
+        self.positions = self.positions.copy()
+        for start, end, num, weight, seed in self.fractions:
+            self.positions[start:end] = mixed_positions(num, weight, seed, epoch)
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.positions)
