@@ -105,11 +105,14 @@ class Monitor:
 
             self.writer = SummaryWriter(log_dir=str(self.run_dir / "runs"), purge_step=purge_step)
 
-    def reopen(self, *, purge_step: int) -> None:
-        """After metrics.jsonl was rewritten (a rollback): append to the new file, and purge
-        TensorBoard events after `purge_step` so curves do not overlap."""
+    def reopen(self, *, purge_step: int, reason: str = "rollback") -> None:
+        """After metrics.jsonl was rewritten (a rollback): append to the new file, purge
+        TensorBoard events after `purge_step` so curves do not overlap, and continue the trackers
+        (W&B, MLflow), which cannot purge, in new tracker runs from there."""
         if not self.enabled or self._jsonl is None:
             return
+        if self.trackers is not None:
+            self.trackers.restart(purge_step - 1, reason)
         self._jsonl.close()
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if self.writer is not None:

@@ -397,7 +397,7 @@ class Run:
         self.apply_lr_scale()
         if self.is_main:
             resuming.truncate_metrics(self.run_dir, info.step, keep_events=("health",))
-            self.monitor.reopen(purge_step=info.step + 1)
+            self.monitor.reopen(purge_step=info.step + 1, reason=f"rollback at step {step}")
         self.monitor.event("rollback", info.step, from_step=step, to_step=info.step,
                            lr_scale=self.health.lr_scale, num_rollbacks=self.health.num_rollbacks)
         self.say(f"rolled back from step {step} to {info.path.name}; learning rate now x{self.health.lr_scale:g}")

@@ -42,21 +42,43 @@ def scalars(kind: str, values: dict[str, Any]) -> dict[str, float]:
 
 class Trackers:
     """The trackers of one run on the main process; `skip` holds the (event, step) pairs logged
-    before a resume that the resumed run redoes."""
+    before a resume that the resumed run redoes.
+
+    A tracker cannot take back what it has: W&B drops a step at or below its last one, MLflow
+    keeps both points. So when the steps after some step will not be the ones logged (a rollback
+    redoes them at a lower learning rate, a force_resume continues with other settings), the
+    trackers continue in a new tracker run from there (`restart`; `new_segment` at the start),
+    grouped with the run's earlier ones (W&B group, MLflow tag fullscale.run) and listed in
+    trackers.json under "segments"."""
 
     def __init__(self, run_dir: Path, names: list[str], *, config: dict[str, Any], resuming: bool,
-                 skip: set[tuple[str, int]] | None = None):
+                 skip: set[tuple[str, int]] | None = None, new_segment: str | None = None):
         self.run_dir = Path(run_dir)
         self.skip = skip or set()
         self.wandb = self.mlflow = None
-        wanted = [n for n in names if n in TRACKERS]
-        if not wanted:
+        self.wanted = [n for n in names if n in TRACKERS]
+        self.config = config
+        self.name = self.run_dir.resolve().name
+        if not self.wanted:
             return
         state = self._state() if resuming else {}
-        name = self.run_dir.resolve().name
-        for tracker in wanted:
+        if resuming and new_segment:
+            state = self._new_segment(state)
+            self.skip = set()
+        self._start_all(state, self.name if not new_segment else f"{self.name} ({new_segment})")
+
+    def _new_segment(self, state: dict) -> dict:
+        """The tracker runs so far moved to state["segments"]; the next ones start fresh."""
+        current = {k: state[k] for k in TRACKERS if k in state}
+        segments = list(state.get("segments", []))
+        if current:
+            segments.append(current)
+        return {"segments": segments}
+
+    def _start_all(self, state: dict, name: str) -> None:
+        for tracker in self.wanted:
             try:
-                self._start(tracker, state, name, config)
+                self._start(tracker, state, name, self.config)
             except Exception as exc:  # noqa: BLE001 - the library's own error, said in one line
                 from fullscale.errors import first_line
 
@@ -67,19 +89,36 @@ class Trackers:
 
         write_text(self.run_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
+    def restart(self, step: int, reason: str) -> None:
+        """Continue in new tracker runs from `step` on (what came after it is being redone with other
+        values); a tracker that fails to start is dropped with a warning, as during the run."""
+        if not self.wanted:
+            return
+        self.close()
+        self.skip = {(kind, s) for kind, s in self.skip if s <= step}
+        state = self._new_segment(self._state())
+        try:
+            self._start_all(state, f"{self.name} (from step {step}: {reason})")
+        except ConfigError as exc:
+            print(f"warning: {exc}; the trackers get nothing more from this run (metrics.jsonl and TensorBoard "
+                  "have everything)", file=sys.stderr)
+            self.wanted = []
+
     def _start(self, tracker: str, state: dict, name: str, config: dict[str, Any]) -> None:
         if tracker == "wandb":
             import wandb
 
             run_id = state.get("wandb") or uuid.uuid4().hex[:12]   # wandb ids: lowercase letters, digits
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "fullscale"), name=name, id=run_id,
-                                    resume="allow", dir=str(self.run_dir), config=config, reinit="finish_previous")
+                                    group=self.name, resume="allow", dir=str(self.run_dir), config=config,
+                                    reinit="finish_previous")
             state["wandb"] = run_id
         else:
             import mlflow
 
             mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "fullscale"))
-            self.mlflow = mlflow.start_run(run_id=state.get("mlflow"), run_name=None if state.get("mlflow") else name)
+            self.mlflow = mlflow.start_run(run_id=state.get("mlflow"), run_name=None if state.get("mlflow") else name,
+                                           tags=None if state.get("mlflow") else {"fullscale.run": self.name})
             if "mlflow" not in state:
                 mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
                                    for k, v in config.items()})

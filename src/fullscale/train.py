@@ -17,7 +17,7 @@ import math
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +136,7 @@ class Launch:
     manager: ckpt.CheckpointManager
     console: Monitor                   # console lines before the run's monitor exists
     lock: list                         # the run directory's lock, once taken (main process)
+    forced: list = field(default_factory=list)   # what force_resume continued despite (the trackers start anew)
 
     @property
     def world(self) -> int:
@@ -245,6 +246,7 @@ def build_fingerprints(launch: Launch, saved: dict[str, Any] | None):
         if breaking:
             console.print(f"force_resume: continuing despite {'; '.join(breaking)}")
             changes += breaking
+            launch.forced += breaking
         if changes:
             console.print(f"resume: accepted changed settings: {'; '.join(changes)}")
     return choices, fps, changes
@@ -294,9 +296,11 @@ def build_model_and_optimizer(launch: Launch, data, choices, fps: dict[str, Any]
     names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     fps["lora_modules"] = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     recorded = (saved or {}).get("fingerprints", {}).get("lora_modules")
-    if recorded not in (None, fps["lora_modules"]) and not config.force_resume:
-        raise resuming.refuse(launch.run_dir, ["the layers LoRA wraps (lora_target_modules resolved on this model) "
-                                               "changed"])
+    if recorded not in (None, fps["lora_modules"]):
+        if not config.force_resume:
+            raise resuming.refuse(launch.run_dir, ["the layers LoRA wraps (lora_target_modules resolved on this "
+                                                   "model) changed"])
+        launch.forced.append("the layers LoRA wraps changed")
     console.print(f"model {resolve_model_path(config)}: {choices.describe()}; LoRA r={config.lora_rank} "
                   f"alpha={config.lora_alpha} on {targets.meaning}: {describe_wrapped(model)}; {trainable:,} "
                   f"trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -363,8 +367,10 @@ def build_records(launch: Launch, data, resume_path: Path | None, saved, *, tota
 
     def start_trackers() -> None:
         if any(name in TRACKERS for name in config.report_to):
+            # After a force_resume the redone steps are not the ones logged: a new tracker run from here.
+            forced = f"force_resume at step {resume_step}" if launch.forced and resume_path is not None else None
             trackers.append(Trackers(run_dir, config.report_to, config=config.to_dict(),
-                                     resuming=resume_path is not None, skip=redone))
+                                     resuming=resume_path is not None, skip=redone, new_segment=forced))
 
     on_main(launch.accelerator, start_trackers)
     monitor = Monitor(run_dir, enabled=is_main, tensorboard=config.uses_tensorboard and is_main,
