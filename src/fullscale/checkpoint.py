@@ -409,11 +409,12 @@ class CheckpointManager:
         needed = int(size * 1.1) + (1 << 20)
         free = shutil.disk_usage(self.run_dir).free
         if free < needed:
-            what = f"the last checkpoint took {last.size:,}" if last else "the estimated size of a checkpoint"
+            what = (f"the last checkpoint took {last.size:,}" if last else
+                    f"a first checkpoint of about {size:,}: the adapter and its two AdamW moments")
             raise DiskSpaceError(
                 f"not enough disk space to save a checkpoint in {self.run_dir}: {free:,} bytes free, about "
-                f"{needed:,} needed ({what}). Every committed checkpoint is intact; free space (or lower "
-                "save_total_limit) and run the same command again to resume")
+                f"{needed:,} needed ({what}, plus 10% and 1 MiB of headroom). Every committed checkpoint is intact; "
+                "free space (or lower save_total_limit) and run the same command again to resume")
 
     def save(self, step: int, write: Callable[[Path], None], *, manifest: dict[str, Any], estimate: int = 0) -> Path:
         """Write checkpoint-<step> crash-safely; `write(dir)` puts the files into the staging dir.

@@ -31,6 +31,15 @@ def generate_reply(model, tokenizer, prompt: str | list[dict], *, max_new_tokens
     ids, _ = encode_prompt(tokenizer, prompt, record)
     device = next(model.parameters()).device
     ids = ids.to(device)
+    # Never past the model's positions (an unbounded max_new_tokens would run until memory ends).
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions:
+        max_new_tokens = max(0, min(max_new_tokens, positions - ids.shape[1]))
+        if max_new_tokens == 0:
+            from fullscale.errors import UserError
+
+            raise UserError(f"the prompt has {ids.shape[1]} tokens, as many as the model's {positions} positions: "
+                            "no room to generate; give a shorter prompt")
     was_training = model.training
     model.eval()
     stop = stop_token_ids(model, tokenizer)

@@ -128,3 +128,76 @@ def test_checkpoints_prune_sets_invalid_ones_aside_and_applies_the_limit(tmp_pat
     steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if "." not in p.name)
     assert steps == [4, 5]
     assert any(p.name.startswith("checkpoint-6.invalid-") for p in run.iterdir())
+
+
+def test_prune_holds_the_runs_lock_so_no_run_starts_in_its_window(tmp_path, tiny_model_dir, reverse_data):
+    from fullscale import rundir
+
+    cfg = write_yaml(tmp_path / "my.yaml", model_name_or_path=str(tiny_model_dir), train_file=str(reverse_data),
+                     output_dir=str(tmp_path / "run"), **dict(BASE, max_steps=2, eval_steps=0, save_steps=1))
+    assert run_cli("train", cfg).returncode == 0
+    run = tmp_path / "run"
+    held = rundir.RunLock(run).acquire()            # a run (here: this test) holds the directory
+    try:
+        proc = run_cli("checkpoints", run, "--prune")
+        assert proc.returncode == 2 and "in use by process" in proc.stderr and "--prune" in proc.stderr
+    finally:
+        held.release()
+    # While --prune works it holds the lock itself: what a run starting then would meet.
+    from fullscale.cli import main
+
+    import fullscale.checkpoint as ckpt
+    seen = []
+    real_rotate = ckpt.CheckpointManager.rotate
+
+    def rotate(self, **kw):
+        try:
+            rundir.RunLock(run).acquire().release()
+            seen.append("free")
+        except rundir.RunLockedError:
+            seen.append("held")
+        return real_rotate(self, **kw)
+
+    ckpt.CheckpointManager.rotate = rotate
+    try:
+        assert main(["checkpoints", str(run), "--prune"]) == 0
+    finally:
+        ckpt.CheckpointManager.rotate = real_rotate
+    assert seen == ["held"]
+    assert run_cli("checkpoints", tmp_path, "--prune").returncode == 2   # not a run: never touched
+
+
+def test_data_paths_that_cannot_be_read_as_files_are_named_for_what_they_are(tmp_path, tiny_model_dir):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.jsonl"
+    loop.symlink_to(loop)
+    dangling = tmp_path / "gone.jsonl"
+    dangling.symlink_to(tmp_path / "nowhere.jsonl")
+    for path, words in ((fifo, "not a regular file"), (loop, "loops"), (dangling, "does not exist")):
+        proc = run_cli("train", f"model_name_or_path={tiny_model_dir}", f"train_file={path}",
+                       f"output_dir={tmp_path / 'run'}", timeout=60)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_base_id_and_push_to_hub_take_hub_ids_only(tmp_path):
+    for bad in ("a/b/c", "../../etc/passwd", "org/", "my model/x", "-x/y", "org/na--me"):
+        proc = run_cli("export", tmp_path, "--out", tmp_path / "x", f"--base-id={bad}")
+        assert proc.returncode == 2 and "not a Hugging Face repository id" in proc.stderr, (bad, proc.stderr)
+    from fullscale.cli.registry import hub_id
+
+    assert hub_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B" and hub_id("gpt2") == "gpt2"
+
+
+def test_bad_rows_are_described_in_plain_words(tmp_path, tiny_model_dir):
+    from fullscale.data.readers import load_rows as read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "unterminated\n{"prompt": 1,, "c": 2}\n')
+    reasons = [why for _, _, why in read_rows(path) if why]
+    assert reasons[0].startswith("invalid JSON at column ") and "at at" not in " ".join(reasons)
+    assert reasons[1].startswith("invalid JSON at column ") and len(reasons) == 2
+    from fullscale.data.formats import _null_word
+
+    assert _null_word(float("nan")).startswith("NaN") and _null_word(None) == "null"

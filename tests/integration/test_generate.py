@@ -77,3 +77,24 @@ def test_an_alpaca_run_answers_through_its_template(tmp_path, tiny_model_dir, ca
     reply, err = generate(run, "rev abc", capsys)
     assert "prompt format: alpaca" in err
     assert reply == plain_reply(tiny_model_dir, run / "best_model", "Q: rev abc\nA: ")
+
+
+def test_max_new_tokens_is_capped_at_the_models_positions():
+    from fullscale.generate import generate_reply
+    from tiny import make_model, make_tokenizer
+
+    tok = make_tokenizer()
+    model = make_model(tok)
+    positions = model.config.max_position_embeddings
+    asked = []
+    real = model.generate
+
+    def generate(**kw):
+        asked.append(kw["max_new_tokens"])
+        return real(**{**kw, "max_new_tokens": 2})
+
+    model.generate = generate
+    generate_reply(model, tok, "rev abc:", max_new_tokens=1_000_000_000, record={"format": "text"})
+    prompt = len(tok("rev abc:").input_ids)
+    assert asked and prompt < positions and asked[0] <= positions - prompt + 2
+    assert asked[0] >= positions - prompt - 16   # the prompt as encoded may carry a few special tokens

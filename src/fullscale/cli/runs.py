@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fullscale.cli.registry import EXIT_OK, command, positive_int
+from fullscale.cli.registry import EXIT_OK, command, hub_id, positive_int
 
 
 def _configs_parser(p):
@@ -58,7 +58,6 @@ def _checkpoints_parser(p):
 def cmd_checkpoints(args) -> int:
     from fullscale.checkpoint import CheckpointManager
     from fullscale.errors import CheckpointError
-    from fullscale.units import format_size
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
@@ -69,13 +68,30 @@ def cmd_checkpoints(args) -> int:
 
         limit = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("save_total_limit")
     manager = CheckpointManager(run_dir, save_total_limit=limit)
+    lock = None
     if args.prune:
+        # The run's own lock, held for the whole prune: no run can start (or be running) while the
+        # checkpoints change; one that holds it refuses the prune.
         from fullscale import rundir
 
-        holder = rundir.holder(run_dir)
-        if holder is not None:
-            raise CheckpointError(f"{run_dir} is in use by process {holder.get('pid')} on host {holder.get('host')}; "
-                                  "--prune changes the run's checkpoints, so run it once that run has stopped")
+        if not rundir.is_run_dir(run_dir):
+            raise CheckpointError(f"{run_dir} is not a fullscale run directory; --prune only changes a run's own "
+                                  "checkpoints")
+        try:
+            lock = rundir.RunLock(run_dir).acquire()
+        except rundir.RunLockedError as exc:
+            raise CheckpointError(f"{exc}. --prune changes the run's checkpoints, so run it once that run has "
+                                  "stopped") from None
+    try:
+        return _list_checkpoints(args, run_dir, manager, limit)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _list_checkpoints(args, run_dir: Path, manager, limit) -> int:
+    from fullscale.units import format_size
+
     infos = manager.list(verify=args.verify)
     best = manager.best_step()
     latest = manager.latest()
@@ -163,10 +179,10 @@ def _export_parser(p):
                                                     "available, else cpu)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the base model's custom modelling code (only if you trust it; never read from the run)")
-    p.add_argument("--base-id", metavar="ORG/NAME",
+    p.add_argument("--base-id", metavar="ORG/NAME", type=hub_id,
                    help="the base's hub id to record in adapter_config.json and the card, so the export loads on "
                         "other machines (default: the base's own _name_or_path when it is a hub id, else its path)")
-    p.add_argument("--push-to-hub", metavar="ORG/NAME",
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", type=hub_id,
                    help="upload the export to this Hugging Face repository (needs a token and network)")
 
 

@@ -5,6 +5,7 @@ every problem before raising, so a user fixes a config in one pass and before an
 from __future__ import annotations
 
 import difflib
+import errno
 import math
 import os
 import typing
@@ -149,6 +150,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
         name = Path(path).stem if path else Path(first).stem if first else "demo"
         config.output_dir = str(Path("runs") / name)
     return absolute_paths(config)
+
+
+def path_problem(value: str) -> str | None:
+    """Why a data path cannot be read as a file or directory, in the user's words; None when it can."""
+    path = Path(value)
+    try:
+        path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{value} is a symbolic link that loops (a link to itself, or a cycle of links)"
+        if path.is_symlink():
+            return f"{value} is a symbolic link to {os.readlink(value)}, which does not exist"
+        if exc.errno == errno.ENOENT or exc.errno == errno.ENOTDIR:
+            return f"no such file or directory: {value}"
+        return f"cannot read {value}: {exc.strerror}"
+    if not (path.is_file() or path.is_dir()):
+        return (f"{value} is not a regular file or directory (a FIFO, socket or device): the data is read more "
+                "than once (fingerprinted, then tokenized), so write it to a file first")
+    return None
 
 
 def absolute_paths(config: Config) -> Config:
@@ -373,11 +393,12 @@ def _check_combinations(c: Config, where: dict[str, str]) -> list[str]:
     need(c.max_steps == -1 or c.max_steps > 0, "max_steps", f"got {c.max_steps}; use a positive number of steps, or -1 to use num_train_epochs")
     for n, source in enumerate(train_sources(c) if c.train_file else [], start=1):
         value = source["path"]
-        if not Path(value).exists() and not is_hub_name(value):
-            which = f" (source {n})" if isinstance(c.train_file, list) else ""
-            p.append(f"train_file{at('train_file')}{which}: no such file or directory: {value}")
-    if c.eval_file and not Path(c.eval_file).exists():
-        p.append(f"eval_file{at('eval_file')}: no such file or directory: {c.eval_file}")
+        which = f" (source {n})" if isinstance(c.train_file, list) else ""
+        problem = path_problem(value)
+        if problem and not (problem.startswith("no such") and is_hub_name(value)):
+            p.append(f"train_file{at('train_file')}{which}: {problem}")
+    if c.eval_file and path_problem(c.eval_file):
+        p.append(f"eval_file{at('eval_file')}: {path_problem(c.eval_file)}")
     if c.model_name_or_path and _looks_like_path(c.model_name_or_path) and not Path(c.model_name_or_path).exists():
         p.append(f"model_name_or_path{at('model_name_or_path')}: no such directory: {c.model_name_or_path} "
                  "(give a local model directory or a hub id such as org/name)")

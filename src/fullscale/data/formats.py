@@ -136,12 +136,17 @@ def _is_null(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))  # pandas/csv NaN
 
 
+def _null_word(value: Any) -> str:
+    """How the reason names a missing value: "null", or "NaN (an empty cell)" for a float NaN."""
+    return "NaN (an empty cell, or a float NaN)" if isinstance(value, float) else "null"
+
+
 def _required_str(row: dict, key: str) -> str:
     if key not in row:
         raise _Invalid(f"missing '{key}'")
     value = row[key]
     if _is_null(value):
-        raise _Invalid(f"null '{key}'")
+        raise _Invalid(f"{_null_word(value)} '{key}'")
     if not isinstance(value, str):
         hint = " (conversational prompt/completion is not supported: use a 'messages' column)" if isinstance(
             value, list) else ""
@@ -221,7 +226,7 @@ def _validate_messages(row: dict) -> list[dict]:
         raise _Invalid("missing 'messages'")
     messages = row["messages"]
     if _is_null(messages):
-        raise _Invalid("null 'messages'")
+        raise _Invalid(f"{_null_word(messages)} 'messages'")
     if isinstance(messages, str):  # a CSV cell holding the list as JSON
         try:
             messages = json.loads(messages)

@@ -104,7 +104,7 @@ def _parse_json_line(number: int, raw: bytes) -> tuple[int, dict | None, str | N
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        return number, None, f"invalid JSON: {exc.msg} at column {exc.colno}"
+        return number, None, f"invalid JSON at column {exc.colno}: {exc.msg.rstrip(' :')}"
     if not isinstance(value, dict):
         return number, None, f"expected a JSON object, got {_json_type(value)}"
     return number, value, None

@@ -65,13 +65,13 @@ def load_trained_model(base_model_name: str | None, adapter_path: str | os.PathL
         return model.to(target).eval(), tokenizer
     in_run = (path.parent / "config.yaml").is_file()
     if in_run and path.name == "best_model":
-        source = resolve_source(path.parent, "best")
+        source = resolve_source(path.parent, "best", for_what="generate")
     elif in_run and ckpt.CHECKPOINT_RE.match(path.name):
-        source = resolve_source(path.parent, ckpt.CHECKPOINT_RE.match(path.name).group(1))
+        source = resolve_source(path.parent, ckpt.CHECKPOINT_RE.match(path.name).group(1), for_what="generate")
     elif (path / "adapter_config.json").is_file():
         source = source_from_dir(path)
     elif path.is_dir():
-        source = resolve_source(path, "best")
+        source = resolve_source(path, "best", for_what="generate")
     else:
         raise CheckpointError(f"{path} is not a model directory, an adapter or a run directory")
     source.trust_remote_code = trust_remote_code

@@ -60,7 +60,8 @@ class Source:
         return (self.adapter_dir / "tokenizer_config.json").is_file()
 
 
-def resolve_source(run_dir: str | os.PathLike, checkpoint: str | int = "best") -> Source:
+def resolve_source(run_dir: str | os.PathLike, checkpoint: str | int = "best", *,
+                   for_what: str = "export") -> Source:
     """The adapter of `run_dir` to export: "best" (best_model/, else the best checkpoint),
     "latest" (the newest checkpoint with a manifest) or a step number; verified against its manifest."""
     run_dir = Path(run_dir)
@@ -82,7 +83,7 @@ def resolve_source(run_dir: str | os.PathLike, checkpoint: str | int = "best") -
         what = f"checkpoint directories at steps {steps} but none has a manifest.json (incomplete saves)" if steps \
             else "no best_model/ and no checkpoint-<step>/"
         raise CheckpointError(
-            f"{run_dir} has nothing to export: {what}. A run saves its first checkpoint at save_steps and "
+            f"{run_dir} has nothing to {for_what}: {what}. A run saves its first checkpoint at save_steps and "
             f"best_model/ at its first evaluation; continue it with `fullscale resume {run_dir}` or give the "
             "output_dir of a finished run")
 
@@ -90,11 +91,16 @@ def resolve_source(run_dir: str | os.PathLike, checkpoint: str | int = "best") -
     if checkpoint == "best" and best_model.is_dir():
         reason = ckpt.verify_directory(best_model)
         if reason is not None:
-            best = manager.best()
-            alt = f"--checkpoint {best.step} (the best checkpoint)" if best else "--checkpoint latest"
+            best = manager.best() or manager.latest()
+            if for_what == "export":
+                alt = f"--checkpoint {best.step} (the best checkpoint)" if best else "--checkpoint latest"
+                alt = f"export a checkpoint instead with {alt}"
+            else:
+                alt = (f"{for_what} a checkpoint instead: fullscale {for_what} {run_dir / f'checkpoint-{best.step}'}"
+                       if best else f"{for_what} a checkpoint directory of the run instead")
             raise CheckpointError(
-                f"{best_model} is corrupted: {reason}. It is not exported; export a checkpoint instead with {alt}, "
-                "or re-create best_model/ by resuming the run")
+                f"{best_model} is corrupted: {reason}. It is not used; {alt}, or re-create best_model/ by resuming "
+                "the run")
         manifest = ckpt.read_manifest(best_model)
         provenance = manifest.get("provenance") or {}
         source = Source(adapter_dir=best_model, label="best_model/", run_dir=run_dir, step=manifest.get("step"),
