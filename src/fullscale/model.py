@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fullscale.config import Config
-from fullscale.errors import ModelError
+from fullscale.errors import ModelError, first_line
 from fullscale.targets import (DEFAULT_TARGETS, LoraTargets, describe_wrapped, fused_expert_parameters,  # noqa: F401
                                layer_listing, linear_layers, peft_target_modules, resolve_lora_targets, suffix,
                                wrapped_layers)
@@ -175,10 +175,24 @@ def check_model_config(model, path) -> None:
 
 
 def _load_error(what: str, path: str, exc: Exception) -> str:
+    import json
+
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "trust_remote_code" in str(exc):
         return (f"cannot load the {what} from {path}: it needs custom code. If you trust this repository, "
                 "set trust_remote_code: true")
+    if what == "tokenizer" and Path(path).is_dir():
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+            f = Path(path) / name
+            try:
+                if f.is_file():
+                    json.loads(f.read_text())
+            except (ValueError, UnicodeDecodeError) as bad:
+                return (f"cannot load the tokenizer from {path}: {f} is not valid JSON ({first_line(bad)}). The "
+                        "file is damaged or truncated: copy it again from where the model came from, or save the "
+                        "tokenizer again with save_pretrained")
+        return (f"cannot load the tokenizer from {path}: {text}. Check its tokenizer files (tokenizer.json, "
+                "tokenizer_config.json, tokenizer.model), or save the tokenizer again with save_pretrained")
     hint = ("check that the directory holds config.json and the weights saved with save_pretrained"
             if Path(path).exists() else
             "it is not a local directory, and a hub download failed (offline?); give a local directory "
@@ -258,9 +272,24 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def build_model(config: Config, choices: ModelChoices):
+def check_vocabulary(model, tokenizer, path) -> None:
+    """A tokenizer with more tokens than the model's embedding table would index past it (a
+    tokenizer of another model, or tokens added without resizing the embeddings)."""
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelError(
+            f"the tokenizer of {path} has {len(tokenizer):,} tokens but the model's embedding table has {rows:,} "
+            f"rows: token ids from {rows:,} on have no embedding. The tokenizer belongs to another model, or "
+            "tokens were added to it without model.resize_token_embeddings(len(tokenizer)); use the tokenizer "
+            "saved with the model, or resize the embeddings and save the model again")
+
+
+def build_model(config: Config, choices: ModelChoices, tokenizer=None):
     """Base model + LoRA (+ gradient checkpointing), ready to train. Returns the peft model."""
     model = load_base_model(config, choices)
+    if tokenizer is not None:
+        check_vocabulary(model, tokenizer, resolve_model_path(config))
     model.config.use_cache = False
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -289,7 +289,7 @@ def build_model_and_optimizer(launch: Launch, data, choices, fps: dict[str, Any]
                 "each epoch draws a new sample. Use whole weights, or packing: false, to see them all")
         data.train, packing = pack_examples(data.train, max_seq_length=config.max_seq_length, seed=config.seed,
                                             lazy=True)   # bins of indices into the token store
-    model = build_model(config, choices)
+    model = build_model(config, choices, tokenizer)
     trainable, total = count_parameters(model)
     targets = model.fullscale_targets
     # What LoRA wraps is part of what a resume must continue: the names of the adapter's tensors.

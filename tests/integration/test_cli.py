@@ -201,3 +201,32 @@ def test_bad_rows_are_described_in_plain_words(tmp_path, tiny_model_dir):
     from fullscale.data.formats import _null_word
 
     assert _null_word(float("nan")).startswith("NaN") and _null_word(None) == "null"
+
+
+def test_a_tokenizer_that_is_not_the_models_is_named_not_a_traceback(tmp_path, tiny_model_dir, reverse_data):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vocab_size"] = 64            # fewer embedding rows than the tokenizer's 108 tokens
+    (model / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(model / "model.safetensors"))
+    w = {k: (v[:64] if v.shape[0] == 108 else v) for k, v in w.items()}
+    save_file(w, str(model / "model.safetensors"), metadata={"format": "pt"})
+    proc = run_cli("train", f"model_name_or_path={model}", f"train_file={reverse_data}",
+                   f"output_dir={tmp_path / 'run'}", "max_steps=1", "report_to=none", "plan_check=false")
+    assert proc.returncode == 2 and "108 tokens" in proc.stderr and "64" in proc.stderr, proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unparsable_tokenizer_file_is_named(tmp_path, tiny_model_dir, reverse_data):
+    import shutil
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    proc = run_cli("train", f"model_name_or_path={model}", f"train_file={reverse_data}",
+                   f"output_dir={tmp_path / 'run'}", "max_steps=1", "report_to=none")
+    assert proc.returncode == 2 and "tokenizer.json is not valid JSON" in proc.stderr, proc.stderr[-1500:]
+    assert "weights" not in proc.stderr
