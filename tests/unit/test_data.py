@@ -568,3 +568,18 @@ def test_the_alpaca_template_is_configurable_and_a_too_long_prompt_says_the_leng
     data = prepare(path, tokenizer, max_seq_length=64, alpaca=alpaca_templates("Q: {instruction}\nA: "))
     assert data.train_stats.skipped == [(1, "has an 'input' but alpaca_template has no {input} field: set "
                                             "alpaca_template_with_input (or add {input} to alpaca_template)")]
+
+
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor",      # a syntax error
+    "{% for m in messages %}{{ m['content'] | no_such_filter }}{% endfor %}",     # an unknown filter
+    "{% for m in messages %}{{ m.content.nothing.here }}{% endfor %}",            # undefined
+])
+def test_a_broken_chat_template_is_named_as_the_template_not_bad_rows(tmp_path, template):
+    tok = make_tokenizer()
+    tok.chat_template = template
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(4)]
+    path = write_rows(tmp_path, rows, "jsonl")
+    with pytest.raises(DataError, match="chat template itself is broken"):
+        prepare(path, tok)

@@ -276,8 +276,24 @@ def _render(tokenizer, conversations: list[list[dict]], *, add_generation_prompt
             out.append(tokenizer.apply_chat_template(messages, tokenize=False,
                                                      add_generation_prompt=add_generation_prompt))
         except Exception as exc:  # jinja errors raised by the template itself ("roles must alternate", ...)
+            if _template_bug(exc):
+                raise DataError(
+                    f"the tokenizer's chat template itself is broken ({type(exc).__name__}: {exc}): it fails "
+                    "whatever the conversation, so no messages row can be rendered. This is the template, not your "
+                    "data: fix chat_template in the tokenizer's tokenizer_config.json (or chat_template.jinja), or "
+                    "use a tokenizer with a working template") from None
             out.append(_Invalid(f"the chat template cannot render this conversation: {exc}"))
     return out
+
+
+def _template_bug(exc: Exception) -> bool:
+    """A template that cannot work at all (a syntax error, an undefined name), as opposed to one that
+    refuses a conversation on purpose (raise_exception: "roles must alternate", ...)."""
+    try:
+        from jinja2 import TemplateSyntaxError, UndefinedError
+    except ImportError:
+        return False
+    return isinstance(exc, (TemplateSyntaxError, UndefinedError))
 
 
 def _convert_conversations(conversations: list[list[dict]], tokenizer) -> list:
