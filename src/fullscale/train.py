@@ -325,6 +325,8 @@ def build_model_and_optimizer(launch: Launch, data, choices, fps: dict[str, Any]
     if steps_in_epoch == 0:
         raise ConfigError(f"the train data has {len(data.train)} examples, fewer than one batch across {world} "
                           "processes; add data or lower per_device_train_batch_size")
+    total_steps = steps_after_a_batch_change(saved, config, total_steps, num_examples=len(data.train),
+                                             global_batch=global_batch, world=world)
     scheduler = build_scheduler(optimizer, config, total_steps)
     if launch.deepspeed is not None:
         model, optimizer = zero.initialize(model, optimizer, launch.deepspeed, config)
@@ -396,6 +398,52 @@ def build_run(launch: Launch, *, model, optimizer, scheduler, tokenizer, data, m
                                    max_grad_norm=config.max_grad_norm))
 
 
+def _position_in_new_batches(saved, global_batch: int) -> tuple[int, int] | None:
+    """(examples of the epoch done, micro-batches of `global_batch` that covers) when a checkpoint
+    was saved with another global micro-batch; None when it was not."""
+    old = (saved or {}).get("fingerprints", {}).get("global_micro_batch")
+    micro = (saved or {}).get("train_state", {}).get("micro_in_epoch", 0)
+    if not old or old == global_batch:
+        return None
+    done = micro * old
+    return done, done // global_batch
+
+
+def steps_after_a_batch_change(saved, config: Config, total_steps: int, *, num_examples: int, global_batch: int,
+                               world: int) -> int:
+    """The run's steps after a force_resume onto another global micro-batch (epochs, not max_steps):
+    the steps done, the rest of this epoch in the new micro-batches, then the epochs left."""
+    moved = _position_in_new_batches(saved, global_batch)
+    if moved is None or config.max_steps > 0:
+        return total_steps
+    state = saved["train_state"]
+    accumulation = config.gradient_accumulation_steps
+    batches = sampler.micro_batches_per_epoch(num_examples, global_batch_size=global_batch, num_processes=world)
+    per_epoch = math.ceil(batches / accumulation)
+    rest = math.ceil(max(0, batches - moved[1]) / accumulation)
+    later = max(0, math.ceil(config.num_train_epochs * per_epoch) - (state["epoch"] + 1) * per_epoch)
+    return state["step"] + rest + later
+
+
+def carry_data_position(run: Run, saved) -> None:
+    """A force_resume onto another global micro-batch: the position inside the epoch is kept in
+    examples (the epoch's order of examples does not depend on the batch), not in micro-batches of
+    the new size, which would train the examples between the two positions twice or never. Where
+    the examples done are not a whole number of new micro-batches, the partial one is redone."""
+    old = (saved.get("fingerprints") or {}).get("global_micro_batch")
+    new = run.config.per_device_train_batch_size * run.accelerator.num_processes
+    state = run.state
+    moved = _position_in_new_batches(saved, new)
+    if moved is None or not state.micro_in_epoch:
+        return
+    done, state.micro_in_epoch = moved
+    again = done - state.micro_in_epoch * new
+    run.say(f"force_resume: {done:,} examples of epoch {state.epoch} were done in micro-batches of {old}; the run "
+            f"goes on from micro-batch {state.micro_in_epoch} of {new} examples"
+            f"{f' ({again} examples of the last one are trained again)' if again else ''}"
+            f"{'; group_by_length groups by the batch size, so the rest of this epoch is grouped anew' if run.config.group_by_length else ''}")
+
+
 def start_or_resume(run: Run, resume_path: Path | None, saved, *, reached: int, changes: list[str], choices,
                     counts: dict[str, int]) -> None:
     """8. Resume (adapter, optimizer, scheduler, RNG, data position, early stopping) or start; the
@@ -406,6 +454,7 @@ def start_or_resume(run: Run, resume_path: Path | None, saved, *, reached: int, 
     if resume_path is not None:
         run.restore(resume_path, saved)
         run.state.num_resumes += 1
+        carry_data_position(run, saved)
         run.say(f"resuming from {resume_path.name}: step {resume_step}/{total_steps}, epoch {run.state.epoch}"
                 f"{f'; redoing steps {resume_step + 1}-{reached}' if reached > resume_step else ''}")
         run.monitor.event("resume", resume_step, from_step=resume_step, steps_redone=reached - resume_step,

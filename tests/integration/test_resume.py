@@ -351,3 +351,36 @@ def test_deepspeed_settings_fullscale_cannot_honour_are_refused_with_exit_2(tmp_
     assert "gradient_accumulation_steps: 4 but the fullscale config has gradient_accumulation_steps: 2" in proc.stderr
     assert "deepspeed_config_file" in proc.stderr
     assert not (tmp_path / "bad" / "checkpoint-2").exists()
+
+
+@pytest.mark.slow
+def test_a_force_resume_onto_another_batch_size_keeps_the_position_in_examples(tmp_path, tiny_model_dir,
+                                                                                reverse_data):
+    """4 examples a micro-batch, killed after checkpoint-6 (24 examples of the epoch done), resumed
+    with 8: the run goes on from example 24, so every example of the epoch is trained once, as in
+    the uninterrupted run (the tokens seen say it), and the start line says so."""
+    import signal
+
+    import yaml
+
+    from conftest import run_cli
+
+    settings = dict(model_name_or_path=str(tiny_model_dir), train_file=str(reverse_data), num_train_epochs=1,
+                    per_device_train_batch_size=4, gradient_accumulation_steps=1, eval_steps=0, save_steps=3,
+                    logging_steps=1, report_to="none", eval_split=0.1, max_seq_length=64,
+                    gradient_checkpointing=False)
+    tokens = {}
+    for name in ("ref", "killed"):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(dict(settings, output_dir=str(tmp_path / name))))
+        if name == "killed":
+            assert run_cli("train", cfg, fault="step@7").returncode == -signal.SIGKILL
+            proc = run_cli("train", cfg, "per_device_train_batch_size=8", "force_resume=true")
+            assert proc.returncode == 0, proc.stderr
+            assert "24 examples of epoch 0 were done in micro-batches of 4" in proc.stdout
+            assert "from micro-batch 3 of 8 examples" in proc.stdout
+        else:
+            assert run_cli("train", cfg).returncode == 0
+        last = max((tmp_path / name).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        tokens[name] = json.loads((last / "trainer_state.json").read_text())["train_state"]["tokens_seen"]
+    assert tokens["killed"] == tokens["ref"]
