@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ class Source:
     # Custom modelling code runs only when the user of this invocation asks for it: never read from a
     # manifest, a run's config.yaml or trainer_state.json (files anyone may have written).
     trust_remote_code: bool = False
+    origin_dir: Path | None = None               # where the adapter lives in the run, when adapter_dir is a copy
 
     def describe(self) -> str:
         """E.g. "best_model/ of runs/demo (step 400, eval loss 0.0198)"."""
@@ -60,10 +64,73 @@ class Source:
         return (self.adapter_dir / "tokenizer_config.json").is_file()
 
 
+# What an export or a load reads of a checkpoint (the rest is the optimizer's and the resume's).
+_NOT_READ = re.compile(r"^(optimizer\.pt|scheduler\.pt|rng_state_\d+\.pt)$")
+SNAPSHOT_TRIES = 5
+
+
 def resolve_source(run_dir: str | os.PathLike, checkpoint: str | int = "best", *,
                    for_what: str = "export") -> Source:
     """The adapter of `run_dir` to export: "best" (best_model/, else the best checkpoint),
-    "latest" (the newest checkpoint with a manifest) or a step number; verified against its manifest."""
+    "latest" (the newest checkpoint with a manifest) or a step number; verified against its manifest.
+
+    A run may be training in `run_dir`: best_model/ is replaced at each improvement and rotation
+    removes checkpoints. So what is read is a copy (adapter, tokenizer, state; not the optimizer),
+    checked file by file against the manifest read with it: one step's manifest never meets
+    another step's weights. A copy that the run changed under it is taken again."""
+    for attempt in range(SNAPSHOT_TRIES):
+        source = _resolve_source(run_dir, checkpoint, for_what=for_what)
+        try:
+            return _snapshot(source)
+        except (_Changed, FileNotFoundError):
+            if attempt == SNAPSHOT_TRIES - 1:
+                raise CheckpointError(
+                    f"{source.adapter_dir} kept changing while it was read ({SNAPSHOT_TRIES} tries): the run in "
+                    f"{run_dir} replaces it too often. Export a checkpoint (--checkpoint STEP), or wait for the "
+                    "run to stop") from None
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class _Changed(Exception):
+    """The directory being copied was replaced or removed during the copy."""
+
+
+def _snapshot(source: Source) -> Source:
+    """`source` read from a private copy of its adapter directory, verified against its manifest."""
+    import tempfile
+    import weakref
+
+    original = source.adapter_dir
+    manifest_path = original / ckpt.MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise _Changed() from None
+    copy = Path(tempfile.mkdtemp(prefix="fullscale-read-"))
+    weakref.finalize(source, shutil.rmtree, copy, True)
+    for rel, meta in files.items():
+        if _NOT_READ.match(rel):
+            continue
+        target = copy / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(original / rel, target)
+        if target.stat().st_size != meta.get("size") or ckpt.sha256_file(target) != meta.get("sha256"):
+            raise _Changed()
+    (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    if ckpt.read_manifest(original) != manifest:      # replaced after the copy began
+        raise _Changed()
+    if (copy / ckpt.STATE).is_file() and source.step is not None:
+        state = json.loads((copy / ckpt.STATE).read_text())
+        if (state.get("train_state") or {}).get("step", source.step) != source.step:
+            raise _Changed()
+    source.origin_dir, source.adapter_dir = original, copy
+    return source
+
+
+def _resolve_source(run_dir: str | os.PathLike, checkpoint: str | int = "best", *,
+                    for_what: str = "export") -> Source:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"no such run directory: {run_dir}. Give the output_dir of a run started with "

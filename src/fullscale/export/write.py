@@ -79,7 +79,7 @@ def export(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, checkpoint
         else:
             _write_adapter(staging, source, result.base_id)
         _write_generation_config(staging, source.base, merged=merge)
-        result.prompt_format = read_prompt_format(source.adapter_dir)
+        result.prompt_format = read_prompt_format(source.origin_dir or source.adapter_dir)
         write_prompt_format(staging, result.prompt_format)
         (staging / CARD).write_text(model_card(result))
         ckpt.commit_directory(staging, out, manifest={"kind": EXPORT_KIND, "provenance": provenance(result)})
@@ -98,7 +98,7 @@ def export_best_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
 def _check_output(out: Path, source: Source, *, force: bool) -> None:
     """Refuse an --out that would replace the source or the run (even with --force), or an existing one."""
     target = out.resolve()
-    adapter = source.adapter_dir.resolve()
+    adapter = (source.origin_dir or source.adapter_dir).resolve()
     clash = target == adapter or target.is_relative_to(adapter) or adapter.is_relative_to(target)
     if source.run_dir is not None:
         run_dir = source.run_dir.resolve()
@@ -110,7 +110,7 @@ def _check_output(out: Path, source: Source, *, force: bool) -> None:
                 first.startswith((ckpt.STAGING_PREFIX, ckpt.TRASH_PREFIX, ckpt.DELETE_PREFIX)) or (run_dir / first).is_file()
     if clash:
         raise ExportError(f"--out {out} would overwrite the run or its checkpoints; choose a directory outside "
-                          f"{source.run_dir or source.adapter_dir}, or a new subdirectory of it such as exports/")
+                          f"{source.run_dir or source.origin_dir or source.adapter_dir}, or a new subdirectory of it such as exports/")
     if source.base and Path(source.base).is_dir():
         base = Path(source.base).resolve()
         if target == base or target.is_relative_to(base) or base.is_relative_to(target):
