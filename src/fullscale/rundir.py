@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,9 @@ from fullscale.errors import ConfigError, DiskSpaceError, UserError
 MARKER = ".fullscale-run"
 LOCK = ".fullscale-lock"
 STALE_SECONDS = 600.0
+HEARTBEAT_SECONDS = 60.0   # how often a fallback lock's holder rewrites its heartbeat
+CLAIM_SECONDS = 30.0       # a claim file older than this was left by a process that died while claiming
+_WRITES = threading.RLock()
 # Every name fullscale writes at the top of a run directory.
 OWN_FILES = ("config.yaml", "metrics.jsonl", "metrics.jsonl.tmp", "status.json", "training_result.json",
              "report.html", "prompt_format.json", "trackers.json")
@@ -163,13 +167,70 @@ class RunLock:
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 raise
             self.mode = "heartbeat"   # no flock on this file system: the contents are the lock
+            self._take_over()
+            return self
+        self._write_holder()
+        return self
+
+    def _take_over(self) -> None:
+        """The fallback lock, taken without a window: the reading of the holder and the writing of
+        ours happen under a claim file created with O_EXCL (atomic on local and NFS file systems),
+        and what was written is read back, so of two processes that race, one holds it and the other
+        is refused. A heartbeat thread keeps it fresh for as long as it is held (start-up included:
+        a long tokenization never makes a live run look stale to another host)."""
+        claim = self.path.with_name(self.path.name + ".claim")
+        try:
+            cfd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                fresh = time.time() - claim.stat().st_mtime < CLAIM_SECONDS
+            except OSError:
+                fresh = False
+            if fresh:
+                os.close(self.fd)
+                self.fd = None
+                raise self._refusal(self._read_holder_file()) from None
+            claim.unlink(missing_ok=True)   # left by a process that died while claiming
+            cfd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        try:
             holder = self._holder()
             if holder and _holder_alive(holder):
                 os.close(self.fd)
                 self.fd = None
                 raise self._refusal(holder) from None
-        self._write_holder()
-        return self
+            self.token = f"{socket.gethostname()}-{os.getpid()}-{time.monotonic_ns()}"
+            self._write_holder()
+            if (self._holder() or {}).get("token") != self.token:   # another writer came in between
+                holder = self._holder()
+                os.close(self.fd)
+                self.fd = None
+                raise self._refusal(holder) from None
+        finally:
+            os.close(cfd)
+            claim.unlink(missing_ok=True)
+        self._beating = threading.Event()
+        thread = threading.Thread(target=self._beat, name="fullscale-lock-heartbeat", daemon=True)
+        thread.start()
+
+    def _beat(self) -> None:
+        while not self._beating.wait(HEARTBEAT_SECONDS):
+            with _WRITES:
+                if self.fd is None:
+                    return
+                try:
+                    body = self._body()
+                    os.ftruncate(self.fd, 0)
+                    os.pwrite(self.fd, body + b"\n", 0)
+                    os.fsync(self.fd)
+                except OSError:
+                    pass   # retried at the next beat; the run's own writes report a failing disk
+
+    def _read_holder_file(self) -> dict[str, Any] | None:
+        try:
+            body = json.loads(self.path.read_text() or "null")
+        except (OSError, ValueError):
+            return None
+        return body if isinstance(body, dict) else None
 
     def heartbeat(self) -> None:
         """Rewrite the holder's heartbeat (what the fallback lock lives on)."""
@@ -177,6 +238,12 @@ class RunLock:
             self._write_holder()
 
     def release(self) -> None:
+        if getattr(self, "_beating", None) is not None:
+            self._beating.set()
+        with _WRITES:
+            self._release()
+
+    def _release(self) -> None:
         if self.fd is None:
             return
         try:
@@ -189,8 +256,17 @@ class RunLock:
         self.fd = None
 
     def _write_holder(self) -> None:
-        body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-                           "heartbeat": time.time(), "mode": self.mode}).encode()
+        with _WRITES:   # the heartbeat thread and the run's own heartbeat() never interleave a write
+            self._write_holder_now()
+
+    def _body(self) -> bytes:
+        self.since = getattr(self, "since", None) or time.time()
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": self.since,
+                           "heartbeat": time.time(), "mode": self.mode,
+                           "token": getattr(self, "token", None)}).encode()
+
+    def _write_holder_now(self) -> None:
+        body = self._body()
         try:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, body + b"\n", 0)

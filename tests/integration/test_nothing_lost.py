@@ -885,3 +885,49 @@ def test_exports_during_a_live_run_pair_each_steps_manifest_with_its_own_weights
         mine = load_file(str(out / "adapter_model.safetensors"))
         theirs = load_file(str(tmp_path / "ref" / f"checkpoint-{step}" / "adapter_model.safetensors"))
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), (out, step)
+
+
+_NO_FLOCK = """
+import errno, fcntl, sys, time
+real = fcntl.flock
+def no_flock(fd, op):
+    if op & (fcntl.LOCK_EX | fcntl.LOCK_SH):
+        raise OSError(errno.ENOLCK, "No locks available")
+    return real(fd, op)
+fcntl.flock = no_flock
+from fullscale import rundir
+rundir.HEARTBEAT_SECONDS = 0.2
+t0 = float(sys.argv[2])
+while time.time() < t0:
+    pass
+try:
+    lock = rundir.RunLock(sys.argv[1]).acquire()
+except rundir.RunLockedError:
+    print("refused")
+    sys.exit(0)
+print("got", flush=True)
+first = rundir.holder(sys.argv[1]) or {}
+time.sleep(1.0)
+later = rundir.holder(sys.argv[1]) or {}
+print("beats", later.get("heartbeat", 0) > first.get("heartbeat", 0), flush=True)
+lock.release()
+"""
+
+
+@pytest.mark.slow
+def test_the_fallback_lock_has_no_window_between_reading_and_writing_and_beats_on_its_own(tmp_path):
+    """Four processes on a file system without flock reach for the same run directory at the same
+    instant: exactly one holds it. Its heartbeat is rewritten by a thread of its own, whatever the
+    process is doing (a long tokenization), so another host never takes a live run for stale."""
+    run = tmp_path / "run"
+    run.mkdir()
+    start = time.time() + 3.0
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    procs = [subprocess.Popen([sys.executable, "-c", _NO_FLOCK, str(run), str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    got = [o for o, _ in outs if o.startswith("got")]
+    assert len(got) == 1, outs
+    assert "beats True" in got[0]
+    assert not (run / ".fullscale-lock.claim").exists()
