@@ -272,3 +272,35 @@ def test_a_run_with_a_fractional_weight_killed_in_a_later_epoch_resumes_bitwise(
     a = load_file(str(tmp_path / "ref" / f"checkpoint-{last}" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "killed" / f"checkpoint-{last}" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_token_store_cut_short_under_a_live_run_is_a_message_then_rebuilt(tmp_path, tiny_model_dir,
+                                                                          reverse_data):
+    """The store truncated by something else while the run reads it: not a SIGBUS with no word, but
+    exit 2 saying what happened; running again rebuilds the store and resumes."""
+    import re
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(dict(model_name_or_path=str(tiny_model_dir), train_file=str(reverse_data),
+                                       output_dir=str(tmp_path / "run"), max_steps=400, save_steps=5,
+                                       eval_steps=0, logging_steps=1, report_to="none", eval_split=0,
+                                       per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                                       gradient_checkpointing=False, max_seq_length=64)))
+    env = {"FULLSCALE_CACHE": str(tmp_path / "cache")}
+    live = cli("train", cfg, env_extra=env, wait=False)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and live.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"event": "checkpoint"') >= 1:
+            break
+        time.sleep(0.1)
+    [store] = list((tmp_path / "cache" / "tokenized").glob("*.store"))
+    os.truncate(store, store.stat().st_size // 2)
+    out, err = live.communicate(timeout=120)
+    assert live.returncode == 2, (live.returncode, err[-2000:])
+    assert "was cut short while this run read it" in err and "Traceback" not in err
+    proc = cli("train", cfg, env_extra=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"resuming from checkpoint-\d+", proc.stdout)

@@ -61,19 +61,54 @@ class _Split(Sequence):
     __hash__ = None  # sequence semantics, like list
 
 
+class StoreGuard:
+    """The store file an Examples maps, and its size when opened: a file cut shorter under a live
+    run (by something else) would kill it with SIGBUS at the first page past the new end; checked
+    before each example is read (one fstat), it is a DataError that says what happened."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size = Path(path), size
+        self.fd: int | None = os.open(path, os.O_RDONLY)   # the mapped inode, even if the path is replaced
+
+    def check(self) -> None:
+        if self.fd is None:   # unpickled in another process (spawned DataLoader workers)
+            self.fd = os.open(self.path, os.O_RDONLY)
+        if os.fstat(self.fd).st_size < self.size:
+            from fullscale.errors import DataError
+
+            raise DataError(
+                f"the token store {self.path} was cut short while this run read it ({os.fstat(self.fd).st_size:,} "
+                f"of {self.size:,} bytes): something else wrote to or truncated it (a cleanup job, a full "
+                "disk?). Run the same command again: a store that does not check out is rebuilt, and the run "
+                "resumes from its last checkpoint")
+
+    def __getstate__(self):
+        return {"path": self.path, "size": self.size, "fd": None}
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
 class Examples(_Split):
     """Examples over a block of arrays (a token store's, or in memory), optionally a choice of them
     (`index`: positions in the block, e.g. the train split of a file whose other rows are eval)."""
 
     def __init__(self, input_ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray, rows: np.ndarray,
-                 index: np.ndarray | None = None):
+                 index: np.ndarray | None = None, guard: StoreGuard | None = None):
         self.input_ids, self.labels, self.offsets, self.rows = input_ids, labels, offsets, rows
         self.index = index
+        self.guard = guard
 
     def __len__(self) -> int:
         return len(self.rows) if self.index is None else len(self.index)
 
     def _item(self, i: int) -> dict:
+        if self.guard is not None:
+            self.guard.check()
         j = i if self.index is None else int(self.index[i])
         a, b = int(self.offsets[j]), int(self.offsets[j + 1])
         return {"input_ids": self.input_ids[a:b].tolist(), "labels": self.labels[a:b].tolist(),
@@ -270,10 +305,11 @@ def open_splits(path: Path) -> tuple[dict[str, Any], dict[str, Examples]]:
             raise ValueError(f"inconsistent arrays in block {name}")
         blocks[name] = arrays
     out = {}
+    guard = StoreGuard(path, file_size)
     for name, split in layout["splits"].items():
         index = mapped(split["index"], np.int64) if "index" in split else None
         arrays = blocks[split["block"]]
         if index is not None and len(index) and (int(index.max()) >= len(arrays["rows"]) or int(index.min()) < 0):
             raise ValueError(f"the {name} index points outside its block")
-        out[name] = Examples(**arrays, index=index)
+        out[name] = Examples(**arrays, index=index, guard=guard)
     return header, out

@@ -286,7 +286,8 @@ def _part(tok: _Tokenized, items, *, name: str, num_rows: int, skipped: list, ma
     index = tok.kept_rank[items[kept]]
     block = tok.block
     whole = len(index) == len(block) and (len(index) == 0 or bool((index == np.arange(len(index))).all()))
-    examples = block if whole else Examples(block.input_ids, block.labels, block.offsets, block.rows, index=index)
+    examples = block if whole else Examples(block.input_ids, block.labels, block.offsets, block.rows, index=index,
+                                            guard=getattr(block, "guard", None))
     stats.num_examples = len(examples)
     stats.num_skipped = len(stats.skipped)
     stats.num_truncated = len(stats.truncated_rows)
