@@ -170,10 +170,10 @@ def disk_error(path: Path, exc: BaseException, *, what: str, needed: int = 0) ->
         "disk (free space, quota, ulimit -f, permissions) and run the same command again to resume")
 
 
-def write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str, *, raw: bool = False) -> None:
     """Write a file atomically (temp file + fsync + rename): a reader or a kill never sees half of
     it, and a write that fails (a full disk) leaves the old file as it was and no temp file behind.
-    A disk failure is raised as DiskSpaceError with the path."""
+    A disk failure is raised as DiskSpaceError with the path (`raw`: the OSError as it came)."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
@@ -182,9 +182,9 @@ def write_text(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if is_disk_error(exc):
+        if not raw and isinstance(exc, OSError) and is_disk_error(exc):
             raise disk_error(path.parent, exc, what=path.name) from None
         raise
 

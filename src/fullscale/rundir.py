@@ -91,19 +91,6 @@ def inside_run(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def unwritable(path: Path, exc: OSError, what: str) -> DiskSpaceError:
     return DiskSpaceError(
         f"cannot write {what} in {path}: {exc.strerror or exc}. Make output_dir writable (permissions, a "
@@ -136,7 +123,9 @@ def _write_marker(run_dir: Path) -> None:
 
     body = {"created": time.time(), "host": socket.gethostname(), "pid": os.getpid(), "fullscale": __version__}
     try:
-        _write_atomic(run_dir / MARKER, json.dumps(body) + "\n")
+        from fullscale.checkpoint import write_text
+
+        write_text(run_dir / MARKER, json.dumps(body) + "\n", raw=True)
     except OSError as exc:
         raise unwritable(run_dir, exc, "the run marker") from None
 
