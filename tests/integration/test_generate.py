@@ -98,3 +98,25 @@ def test_max_new_tokens_is_capped_at_the_models_positions():
     prompt = len(tok("rev abc:").input_ids)
     assert asked and prompt < positions and asked[0] <= positions - prompt + 2
     assert asked[0] >= positions - prompt - 16   # the prompt as encoded may carry a few special tokens
+
+
+def test_generate_on_a_run_without_a_usable_best_model_gives_advice_generate_can_follow(tmp_path, tiny_model_dir,
+                                                                                        reverse_data):
+    import shutil
+
+    from conftest import run_cli
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"model_name_or_path: {tiny_model_dir}\n")
+    proc = run_cli("generate", run, "--prompt", "rev abc:")
+    assert proc.returncode == 2 and "nothing to generate" in proc.stderr and "--checkpoint" not in proc.stderr
+    shutil.rmtree(run)
+    proc = run_cli("train", f"model_name_or_path={tiny_model_dir}", f"train_file={reverse_data}",
+                   f"output_dir={run}", "max_steps=2", "save_steps=2", "eval_steps=2", "report_to=none",
+                   "eval_samples=0")
+    assert proc.returncode == 0, proc.stderr
+    (run / "best_model" / "adapter_config.json").write_text("{}")   # damaged
+    proc = run_cli("generate", run, "--prompt", "rev abc:")
+    assert proc.returncode == 2 and f"fullscale generate {run / 'checkpoint-2'}" in proc.stderr, proc.stderr
+    assert "--checkpoint" not in proc.stderr

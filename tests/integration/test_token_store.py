@@ -257,7 +257,7 @@ def test_a_run_with_a_fractional_weight_killed_in_a_later_epoch_resumes_bitwise(
     other = write_reverse_task(tmp_path / "other.jsonl", n=20, seed=5)
     base = dict(model_name_or_path=str(tiny_model_dir), train_file=[{"path": str(reverse_data)},
                                                                     {"path": str(other), "weight": 0.5}],
-                num_train_epochs=3, report_to="none", gradient_checkpointing=False, max_seq_length=64,
+                num_train_epochs=2, report_to="none", gradient_checkpointing=False, max_seq_length=64,
                 per_device_train_batch_size=8, gradient_accumulation_steps=1, save_steps=4, eval_steps=0,
                 eval_split=0, lora_dropout=0.1, logging_steps=1, warmup_ratio=0.0)
     cfgs = {}
@@ -265,7 +265,7 @@ def test_a_run_with_a_fractional_weight_killed_in_a_later_epoch_resumes_bitwise(
         cfgs[name] = tmp_path / f"{name}.yaml"
         cfgs[name].write_text(yaml.safe_dump(dict(base, output_dir=str(tmp_path / name))))
     assert cli("train", cfgs["ref"]).returncode == 0
-    proc = cli("train", cfgs["killed"], fault="step@30")     # epoch 3 (13 steps an epoch)
+    proc = cli("train", cfgs["killed"], fault="step@20")     # epoch 2 (14 steps an epoch)
     assert proc.returncode == -signal.SIGKILL
     assert cli("train", cfgs["killed"]).returncode == 0
     last = max(int(p.name.split("-")[1]) for p in (tmp_path / "ref").glob("checkpoint-*"))
@@ -284,7 +284,7 @@ def test_a_token_store_cut_short_under_a_live_run_is_a_message_then_rebuilt(tmp_
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(dict(model_name_or_path=str(tiny_model_dir), train_file=str(reverse_data),
-                                       output_dir=str(tmp_path / "run"), max_steps=400, save_steps=5,
+                                       output_dir=str(tmp_path / "run"), max_steps=80, save_steps=5,
                                        eval_steps=0, logging_steps=1, report_to="none", eval_split=0,
                                        per_device_train_batch_size=2, gradient_accumulation_steps=1,
                                        gradient_checkpointing=False, max_seq_length=64)))
