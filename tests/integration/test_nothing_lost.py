@@ -838,9 +838,9 @@ def test_a_run_started_with_relative_paths_resumes_and_exports_from_any_director
     proc = cli("resume", run, cwd=elsewhere)                 # a requeued job started from another directory
     assert proc.returncode == 0, proc.stderr
     assert "resuming from checkpoint-3" in proc.stdout
-    proc = cli("export", run, "--merge", "--out", elsewhere / "merged", cwd=elsewhere)
+    proc = cli("export", run, "--out", elsewhere / "adapter", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
-    card = (elsewhere / "merged" / "README.md").read_text()
+    card = (elsewhere / "adapter" / "README.md").read_text()
     assert "models/tiny" not in card.replace(str(project / "models" / "tiny"), "")
     proc = cli("generate", run, "--prompt", "rev abc:", "--max-new-tokens", "3", cwd=elsewhere)
     assert proc.returncode == 0, proc.stderr
