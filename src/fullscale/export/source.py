@@ -110,15 +110,26 @@ def _snapshot(source: Source) -> Source:
         raise _Changed() from None
     copy = Path(tempfile.mkdtemp(prefix="fullscale-read-"))
     weakref.finalize(source, shutil.rmtree, copy, True)
-    for rel, meta in files.items():
-        if _NOT_READ.match(rel):
-            continue
-        target = copy / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(original / rel, target)
-        if target.stat().st_size != meta.get("size") or ckpt.sha256_file(target) != meta.get("sha256"):
-            raise _Changed()
-    (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    try:
+        for rel, meta in files.items():
+            if _NOT_READ.match(rel):
+                continue
+            target = copy / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(original / rel, target)
+            if target.stat().st_size != meta.get("size") or ckpt.sha256_file(target) != meta.get("sha256"):
+                raise _Changed()
+        (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError) or not ckpt.is_disk_error(exc):
+            raise
+        shutil.rmtree(copy, ignore_errors=True)
+        import logging
+
+        logging.getLogger("fullscale").warning(
+            "cannot copy %s to %s (%s): reading it in place; stop the run first if it is still training",
+            original, tempfile.gettempdir(), exc.strerror)
+        return source
     if ckpt.read_manifest(original) != manifest:      # replaced after the copy began
         raise _Changed()
     if (copy / ckpt.STATE).is_file() and source.step is not None:
