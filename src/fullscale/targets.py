@@ -80,6 +80,18 @@ def is_router(model, name: str) -> bool:
     return any("expert" in child for child, _ in parent.named_children())
 
 
+def _state_kinds(module) -> set[str]:
+    """What makes a block carry a state from one position to the next: a state-space or recurrent
+    parameter of its own, a short causal convolution among its children, a linear-attention class."""
+    kinds = {_STATE_PARAMS[p] for p, _ in module.named_parameters(recurse=False) if p in _STATE_PARAMS}
+    if any(isinstance(c, torch.nn.Conv1d) and c.kernel_size[0] > 1 for c in module.children()):
+        kinds.add("convolution")
+    cls = type(module).__name__.lower()
+    if "deltanet" in cls or "linearattention" in cls:
+        kinds.add("linear attention")
+    return kinds
+
+
 def stateful_layers(model) -> dict[str, str]:
     """Blocks whose output at one position depends on earlier positions through a state of their
     own (state-space mixers, short causal convolutions, linear attention, recurrences), by kind:
@@ -87,29 +99,14 @@ def stateful_layers(model) -> dict[str, str]:
     their forward is given the boundaries, which transformers' PyTorch paths are not."""
     found: dict[str, set[str]] = {}
     for name, module in model.named_modules():
-        kinds = set()
-        if isinstance(module, torch.nn.Conv1d) and module.kernel_size[0] > 1:
-            kinds.add("convolution")
-            name = name.rsplit(".", 1)[0] if "." in name else name   # the block that owns the conv
-        for pname, _ in module.named_parameters(recurse=False):
-            if pname in _STATE_PARAMS:
-                kinds.add(_STATE_PARAMS[pname])
-        cls = type(module).__name__.lower()
-        if "deltanet" in cls or "linearattention" in cls:
-            kinds.add("linear attention")
+        kinds = _state_kinds(module)
         if kinds:
-            found.setdefault(name.rsplit(".", 1)[-1], set()).update(kinds)
+            found.setdefault(name.rsplit(".", 1)[-1] or type(module).__name__, set()).update(kinds)
     return {k: ", ".join(sorted(v)) for k, v in sorted(found.items())}
 
 
 def _stateful_prefixes(model) -> list[str]:
-    prefixes = []
-    for name, module in model.named_modules():
-        own = {p for p, _ in module.named_parameters(recurse=False)}
-        if own & _STATE_PARAMS.keys() or any(isinstance(c, torch.nn.Conv1d) and c.kernel_size[0] > 1
-                                             for c in module.children()):
-            prefixes.append(name + ".")
-    return prefixes
+    return [name + "." for name, module in model.named_modules() if _state_kinds(module)]
 
 
 def peft_refuses(model, names: list[str]) -> set[str]:
